@@ -1,0 +1,23 @@
+"""Facts about a dataset that the model needs to size itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Sizes read off the loaded data; 0 where a field does not apply to the task.
+
+    Spec params written ``data.<field>`` (e.g. ``data.vocab_size``) are read from here.
+    """
+
+    num_classes: int = 0
+    vocab_size: int = 0
+    in_channels: int = 0
+    image_size: int = 0
+    in_features: int = 0
+    seq_len: int = 0
+    pad_id: int = 0
+    bos_id: int = 0
+    eos_id: int = 0
