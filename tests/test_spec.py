@@ -95,7 +95,8 @@ def test_dangling_hyperparameter_reference() -> None:
     text = edited(lambda d: d["model"]["components"][3]["params"].__setitem__("num_heads", "heads"))
     problems = problems_of(text)
     assert any(
-        "model.components[3].params.num_heads: unknown hyperparameter 'heads'" in p for p in problems
+        "model.components[3].params.num_heads: unknown hyperparameter 'heads'" in p
+        for p in problems
     )
 
 
