@@ -213,3 +213,14 @@ def test_assumed_value_needs_reason() -> None:
 def test_spec_is_a_pydantic_model_usable_from_python() -> None:
     data = json.loads(load_spec(TRANSFORMER).model_dump_json())
     assert Spec.model_validate(data).paper.arxiv_id == "1706.03762"
+
+
+@pytest.mark.parametrize("name", ["model", "config", "__init__"])
+def test_reserved_component_names(name: str) -> None:
+    text = edited(lambda d: d["model"]["components"][7].__setitem__("name", name))
+    assert any("model.components[7].name" in p for p in problems_of(text))
+
+
+def test_component_class_must_not_clash_with_the_model() -> None:
+    text = edited(lambda d: d["model"]["components"][7].__setitem__("name", "transformer"))
+    assert any("clashes with model.name" in p for p in problems_of(text))
