@@ -1,8 +1,12 @@
-"""Facts about a dataset that the model needs to size itself."""
+"""Facts about a dataset that the model needs to size itself, and what a loader returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import Tensor
+from torch.utils.data import Dataset
 
 
 @dataclass(frozen=True)
@@ -21,3 +25,11 @@ class DataInfo:
     pad_id: int = 0
     bos_id: int = 0
     eos_id: int = 0
+
+
+class Splits(NamedTuple):
+    """A loader module's result: training and validation examples, and their sizes."""
+
+    train: Dataset[tuple[Tensor, ...]]
+    val: Dataset[tuple[Tensor, ...]]
+    info: DataInfo
