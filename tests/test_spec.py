@@ -224,3 +224,13 @@ def test_reserved_component_names(name: str) -> None:
 def test_component_class_must_not_clash_with_the_model() -> None:
     text = edited(lambda d: d["model"]["components"][7].__setitem__("name", "transformer"))
     assert any("clashes with model.name" in p for p in problems_of(text))
+
+
+def test_loss_and_metrics_must_fit_the_task() -> None:
+    def bad(d):
+        d["training"]["loss"]["kind"] = "mse"
+        d["evaluation"]["metrics"][0]["kind"] = "auc"
+
+    problems = problems_of(edited(bad))
+    assert any("training.loss.kind: mse does not fit task seq2seq" in p for p in problems)
+    assert any("evaluation.metrics[0].kind: auc does not fit task seq2seq" in p for p in problems)
