@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,25 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
         env={**os.environ, "COLUMNS": "200", **env},
         check=False,
     )
+
+
+def smoke_train(repo: Path, package: str) -> list[float]:
+    """Run configs/smoke.yaml; return the per-epoch training losses it printed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"{package}.train", "--config", "configs/smoke.yaml"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "nan" not in output.lower()
+    losses = [float(x) for x in re.findall(r"train[_ ]loss[=: ]+([0-9.]+)", output)]
+    assert len(losses) >= 2, output
+    return losses
 
 
 # -- a minimal PDF writer: enough for pypdf, so the tests need no PDF library --------------
