@@ -127,26 +127,27 @@ class Trainer:
             sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every rank
         micro_batches = min(self.steps_per_epoch, self.total_steps - self.step) * self.accum
         batches = itertools.islice(self.backend.loader(self.train_loader), micro_batches)
-        # Losses stay on the device; summing them in the step would make the first step of
-        # each epoch (which starts the sum) a graph of its own on XLA.
-        losses: list[Tensor] = []
+        # The epoch's loss sum stays on the device and is summed in the step. It starts as
+        # data copied to the device, so on XLA every step after the very first runs one and the
+        # same graph and the epoch needs no reduction graph of its own. (Shape [1], not a
+        # scalar: XLA bakes a 0-d zero into the graph as a constant.)
+        loss_sum = torch.zeros(1, dtype=torch.float32).to(self.backend.device)
+        count = 0
         lr = self.optimizer.param_groups[0]["lr"]
         for i, batch in enumerate(batches):
             boundary = (i + 1) % self.accum == 0
             # Under DDP, gradients are averaged across ranks only at the window's end.
             with self.backend.no_sync(self.step_model, sync=boundary):
                 loss = self.train_step(batch)
-            losses.append(loss)
+            loss_sum = loss_sum + loss.float()
+            count += 1
             if boundary:
                 lr = self.update()
                 if self.step % self.tc.log_every == 0 and self._reads_values:
                     self.backend.on_host(self._log_step, loss, self.step, lr)
-        # Lazy devices: run the last update as the ordinary step graph, then the epoch's mean
-        # loss as a small graph of its own, so that neither is fused into evaluation's graphs.
+        # Lazy devices: run the last update now, so it is not fused into evaluation's graphs.
         self.backend.mark_step()
-        mean_loss = torch.stack(losses).mean()
-        self.backend.mark_step()
-        return self._finish_epoch(mean_loss, lr, start)
+        return self._finish_epoch(loss_sum, count, lr, start)
 
     def train_step(self, batch: Batch) -> Tensor:
         """Forward and backward on one micro-batch; the loss comes back detached, on device."""
@@ -178,13 +179,13 @@ class Trainer:
         self.log.info("step %d/%d  loss %.4f  lr %.3e", step, self.total_steps, value, lr)
         self.metrics.write("step", step=step, epoch=self.epoch, loss=value, lr=lr)
 
-    def _finish_epoch(self, mean_loss: Tensor, lr: float, start: float) -> EpochResult:
+    def _finish_epoch(self, loss_sum: Tensor, count: int, lr: float, start: float) -> EpochResult:
         val = evaluate(self.model, self.val_loader, self.loss_fn, self.backend, self.info)
         if self.backend.graphs_only:
             # neuron_parallel_compile: the values are placeholders; the graphs are what counts.
             self.log.info("epoch %d: graphs extracted", self.epoch)
             return EpochResult(self.epoch, self.step, math.nan, {}, lr, time.perf_counter() - start)
-        ranks = self.backend.gather(mean_loss.item())
+        ranks = self.backend.gather(loss_sum.item() / max(count, 1))
         train_loss = sum(ranks) / len(ranks)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
