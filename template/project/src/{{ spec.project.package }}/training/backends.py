@@ -299,6 +299,10 @@ class XlaBackend(Backend):
     process_group = "xla"
 
     def __init__(self, process: ProcessInfo, *, precision: str = "fp32", compile: bool = False):
+        # Read once, when torch_xla is first imported: without it the values 0 and 1 become
+        # graph constants instead of data, so a zero buffer moved to the device (BatchNorm's
+        # num_batches_tracked) or a learning rate that reaches 0 compiles a graph of its own.
+        os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.parallel_loader as pl
