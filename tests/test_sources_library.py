@@ -160,10 +160,12 @@ def test_file_source(tmp_path: Path) -> None:
     assert {s.id for s in source.sample(10, seed=1)} == {
         "tinymixer_2401.99999",
         "mineru_paper.md",
+        "mineru_byline.md",
+        "frontmatter_paper.md",
         "plain_paper.txt",
         "s2orc_paper.json",
     }
-    assert len(source.recent(days=1)) == 4
+    assert len(source.recent(days=1)) == 6
 
 
 # -- the CLI -------------------------------------------------------------------------------
