@@ -82,3 +82,44 @@ def test_loaders() -> None:
     # a dataset of another task falls back to a loader that serves the spec's task
     assert loader_for(entry["Penn Treebank"], "seq2seq") == ("synthetic", False)
     assert loader_for(entry["IMDB"], "text_classification") == ("imdb", True)
+
+
+@pytest.mark.parametrize(
+    ("text", "backbone_data", "train"),
+    [
+        (
+            "We fine-tune a ViT-B/16 pre-trained on ImageNet-21k on CIFAR-100.",
+            "ImageNet-21k",
+            "CIFAR-100",
+        ),
+        (
+            "The encoder is initialised from a ResNet-50 pretrained on ImageNet. We train on SVHN.",
+            "ImageNet",
+            "SVHN",
+        ),
+        (
+            "We use CLIP trained on LAION-2B as the image encoder and train on MS COCO.",
+            "LAION",
+            "MS COCO",
+        ),
+        ("We fine-tune GPT-2 (trained on WebText) on WikiText-103.", "WebText", "WikiText-103"),
+    ],
+)
+def test_backbone_pretraining_data_is_not_training_data(
+    text: str, backbone_data: str, train: str
+) -> None:
+    got = {d.name: d for d in find_datasets(sentences(Passage(SETUP, text)))}
+    assert got[backbone_data].pretraining and got[backbone_data].role != "train"
+    assert got[train].role == "train" and not got[train].pretraining
+    assert next(iter(got)) == train  # the training set comes first
+
+
+def test_own_pretraining_stage_is_training_data() -> None:
+    got = {
+        d.name: d
+        for d in find_datasets(
+            sentences(Passage(SETUP, "We pre-train our model on C4 and fine-tune it on SST-2."))
+        )
+    }
+    assert got["C4"].role == "train" and not got["C4"].pretraining
+    assert not got["SST-2"].pretraining

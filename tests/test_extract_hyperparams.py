@@ -206,3 +206,160 @@ def test_results_table_is_not_a_hyperparameter_table() -> None:
         "<tr><td>With dropout</td><td>0.597</td></tr></table>"
     )
     assert _tables(html) == {}
+
+
+# -- settings: one stage / loop / dataset per configuration ---------------------------------
+
+
+def _findings(text: str, section: SectionInfo = SETUP):
+    return aggregate(candidates_from_sentences(sentences(Passage(section, text))))
+
+
+def test_inner_loop_values_are_not_stitched_to_the_outer_optimizer() -> None:
+    f = _findings(
+        "We meta-train the initialisation with Adam in the outer loop. In the inner loop, each"
+        " task is adapted with SGD using a learning rate of 0.01 and a momentum of 0.9."
+    )
+    assert (f["optimizer"].value, f["lr"].value, f["momentum"].value) == ("sgd", 0.01, 0.9)
+    assert {f[n].setting for n in ("optimizer", "lr", "momentum")} == {"inner loop"}
+    assert [(a.value, a.setting) for a in f["optimizer"].alternatives] == [("adam", "outer loop")]
+    assert f.main_setting == "inner loop"
+
+
+def test_pretraining_values_become_alternatives_of_the_fine_tuning_setting() -> None:
+    f = _findings(
+        "We pre-train the encoder with a learning rate of 1e-4 and a batch size of 4096 for"
+        " 500,000 steps. For fine-tuning, we use a learning rate of 2e-5, a batch size of 32 and"
+        " dropout 0.2, and train for 3 epochs. We use AdamW with weight decay 0.01."
+    )
+    got = {n: x.value for n, x in f.items()}
+    assert got == {
+        "lr": 2e-5,
+        "batch_size": 32,
+        "dropout": 0.2,
+        "epochs": 3,
+        "optimizer": "adamw",
+        "weight_decay": 0.01,
+    }
+    assert f["lr"].setting == "fine-tuning"
+    assert [(a.value, a.setting) for a in f["lr"].alternatives] == [(1e-4, "pre-training")]
+    assert [(a.value, a.setting) for a in f["batch_size"].alternatives] == [(4096, "pre-training")]
+    # a value stated only for the other stage is set aside, not merged
+    assert [c.value for c in f.set_aside["max_steps"]] == [500000]
+
+
+def test_per_dataset_settings_are_kept_apart() -> None:
+    f = _findings(
+        "For CIFAR-10, we train for 200 epochs with a batch size of 128 and a learning rate of"
+        " 0.1. For ImageNet, we train for 90 epochs with a batch size of 256."
+    )
+    assert (f["epochs"].value, f["batch_size"].value, f["lr"].value) == (200, 128, 0.1)
+    assert f["epochs"].setting == "CIFAR-10"
+    assert [(a.value, a.setting) for a in f["epochs"].alternatives] == [(90, "ImageNet")]
+
+
+def test_fine_tuned_backbone_and_fresh_head_are_not_mixed() -> None:
+    f = _findings(
+        "We fine-tune the pretrained language model with a learning rate of 1e-5. The freshly"
+        " initialised MLP head is trained with Adam, a learning rate of 1e-3 and a batch size of"
+        " 64 for 20 epochs."
+    )
+    assert (f["lr"].value, f["optimizer"].value, f["batch_size"].value) == (1e-3, "adam", 64)
+    assert [(a.value, a.setting) for a in f["lr"].alternatives] == [(1e-5, "fine-tuning")]
+
+
+def test_baseline_values_are_not_the_methods() -> None:
+    f = _findings(
+        "All baselines are trained with SGD, a learning rate of 0.1 and a momentum of 0.9."
+        " Our model is trained with Adam and a learning rate of 3e-4."
+    )
+    assert (f["optimizer"].value, f["lr"].value) == ("adam", 3e-4)
+    assert "momentum" not in f
+    assert [a.setting for a in f["lr"].alternatives] == ["baselines"]
+
+
+def test_one_labelled_setting_changes_nothing() -> None:
+    # only one stage is named: the unlabelled statements belong to it
+    f = _findings(
+        "We use Adam with a learning rate of 1e-4. For fine-tuning, we train for 3 epochs"
+        " with a batch size of 16."
+    )
+    assert {n: x.value for n, x in f.items()} == {
+        "lr": 1e-4,
+        "optimizer": "adam",
+        "epochs": 3,
+        "batch_size": 16,
+    }
+
+
+def test_table_columns_are_settings() -> None:
+    html = (
+        "Table 4: Hyperparameters.\n\n<table>"
+        "<tr><td>Hyperparameter</td><td>Pre-training</td><td>Fine-tuning</td></tr>"
+        "<tr><td>Learning rate</td><td>1e-4</td><td>3e-5</td></tr>"
+        "<tr><td>Batch size</td><td>2048</td><td>32</td></tr>"
+        "<tr><td>Epochs</td><td></td><td>4</td></tr>"
+        "<tr><td>Dropout</td><td></td><td>0.1</td></tr></table>"
+    )
+    doc = Document(
+        id="t", title="T", format="markdown", sections=(Section("Appendix: Setup", html, "C"),)
+    )  # type: ignore[arg-type]
+    f = aggregate(candidates_from_tables(find_tables(doc, section_infos(doc))))
+    assert {n: x.value for n, x in f.items()} == {
+        "lr": 3e-5,
+        "batch_size": 32,
+        "epochs": 4,
+        "dropout": 0.1,
+    }
+    assert f["lr"].setting == "fine-tuning"
+    assert [(a.value, a.setting) for a in f["lr"].alternatives] == [(1e-4, "pre-training")]
+
+
+# -- the learning rate in the optimizer's sentence ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "lr", "others"),
+    [
+        (
+            "We use SGD with an initial learning rate set to 0.005 and 0.01 for the two backbones.",
+            0.005,
+            [0.01],
+        ),
+        ("The model is optimized with Adam (learning rate 3e-4, β=(0.9, 0.999)).", 3e-4, []),
+        ("We use the Adam optimizer with lr = 1e-4 throughout.", 1e-4, []),
+        ("Training uses AdamW with a learning rate in {1e-4, 3e-4}.", 1e-4, [3e-4]),
+        ("We optimise with Adam using a step size of 5e-4.", 5e-4, []),
+        ("The network is trained with Adam at a 2e-4 learning rate.", 2e-4, []),
+    ],
+)
+def test_learning_rate_in_the_optimizer_sentence(text: str, lr: float, others: list[float]) -> None:
+    f = _findings(text)
+    assert f["lr"].value == pytest.approx(lr)
+    assert [a.value for a in f["lr"].alternatives] == pytest.approx(others)
+
+
+def test_learning_rates_per_dataset_respectively() -> None:
+    f = _findings(
+        "We use SGD with an initial learning rate set to 0.005 and 0.01 for CIFAR-10 and"
+        " ImageNet, respectively."
+    )
+    assert (f["lr"].value, f["lr"].setting) == (0.005, "CIFAR-10")
+    assert [(a.value, a.setting) for a in f["lr"].alternatives] == [(0.01, "ImageNet")]
+
+
+def test_step_size_needs_an_optimizer() -> None:
+    assert found("The step size of the integrator is 0.01.") == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "We use Adam with learning rates between 1e-4 and 1e-3.",  # a range
+        "We use Adam with a learning rate of 1e-3 to 1e-5 over training.",  # a range
+        "We use SGD with a learning rate of 0.1 × batch size/256.",  # an expression
+        "We use SGD with learning rate 0.1-0.01.",  # a range
+    ],
+)
+def test_learning_rate_lists_are_not_ranges(text: str) -> None:
+    assert "lr" not in found(text)
