@@ -47,9 +47,11 @@ datasets: [{name: synthetic, role: train, loader: LOADER}]
 training: {optimizer: {name: sgd, lr: 0.1}, batch_size: 8, epochs: 1}
 hyperparameters:
   - {name: width, value: 16, smoke: 8, type: int, assumed: true, reason: test}
+method: {problem: supervised_learning, summary: A test model.}
+coverage: {verdict: full, parts: [{name: the model, status: implemented, component: FIRST}]}
 """
 INLINE = {
-    "cnn_coverage": _COVERAGE_HEAD.replace("LOADER", "digits")
+    "cnn_coverage": _COVERAGE_HEAD.replace("LOADER", "digits").replace("FIRST", "stem")
     + """
 task: {type: image_classification}
 model:
@@ -66,7 +68,7 @@ model:
       kind: classification_head
       params: {in_features: 12, num_classes: data.num_classes, pooling: first, dropout: 0.1}
 """,
-    "regression_coverage": _COVERAGE_HEAD.replace("LOADER", "synthetic")
+    "regression_coverage": _COVERAGE_HEAD.replace("LOADER", "synthetic").replace("FIRST", "body")
     + """
 task: {type: regression}
 model:
