@@ -225,7 +225,7 @@ def test_generative_paper_is_never_a_classifier_in_disguise() -> None:
     assert spec.method.problem == "generative_modeling"
     assert spec.coverage.verdict == "scaffold"
     task = next(d for d in spec.deviations if d.kind == "task")
-    assert task.paper_says == "a generative modeling problem"
+    assert task.paper_says == "generative modeling problem"
     assert spec.task.type in task.we_do
 
 

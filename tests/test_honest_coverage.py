@@ -162,7 +162,9 @@ def test_every_example_states_its_verdict() -> None:
         assert f"Coverage **{spec.coverage.verdict}**" in lead, path.name
         assert ("reproduction" in lead) == (spec.coverage.verdict == "full"), path.name
         for part in spec.coverage.missing:
-            assert " ".join(part.name.split()) in lead, (path.name, part.name)
+            name = " ".join(part.name.split())
+            # inside a sentence a leading article is lower-cased: "It does not implement the ..."
+            assert name[1:] in lead, (path.name, part.name)
 
 
 def test_din_lists_its_stand_ins_and_missing_parts() -> None:
