@@ -69,3 +69,12 @@ def test_list_digits_are_not_thousands() -> None:
     # "1, 5, 10" is a list, not 1,005
     n = parse_number_at("1, 5, 10", 0)
     assert n is not None and n.value == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "end"),
+    [("two hundred epochs", 200, 11), ("Five thousand steps", 5000, 13), ("two epochs", 2, 3)],
+)
+def test_spelled_out_compound_numbers(text: str, value: int, end: int) -> None:
+    n = parse_number_at(text, 0, words=True)
+    assert n is not None and (n.value, n.end) == (value, end)
