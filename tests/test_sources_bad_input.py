@@ -100,6 +100,23 @@ def test_pathological_input_stays_fast(name: str) -> None:
     assert elapsed < 5.0, f"{name}: {elapsed:.1f} s"
 
 
+def test_reference_list_goes_before_the_appendix_is_cut(tmp_path: Path) -> None:
+    path = tmp_path / "paper.md"
+    refs = "".join(f"[{i}] A. Author. A cited paper, {2000 + i % 20}.\n\n" for i in range(40))
+    path.write_text(
+        "# A Title\n\n# 1 Intro\n\n"
+        + "word " * 40
+        + "\n\n# References\n\n"
+        + refs
+        + "# A Hyperparameters\n\nWe train with a learning rate of 0.001.\n"
+    )
+    doc = load_document(path, max_chars=900)
+    assert [s.title for s in doc.sections][-1] == "Hyperparameters"
+    assert "learning rate of 0.001" in doc.text
+    assert any(w.startswith("reference list dropped") for w in doc.warnings)
+    assert not any(w.startswith("text capped") for w in doc.warnings)
+
+
 def test_max_chars_is_configurable(tmp_path: Path) -> None:
     path = tmp_path / "paper.md"
     path.write_text("# A Title\n\n# 1 Intro\n" + "word " * 1000)
