@@ -36,7 +36,7 @@ TEMPLATE = ROOT / "template"
 BLOCKS = TEMPLATE / "includes" / "blocks"
 EXAMPLES = sorted((ROOT / "examples" / "specs").glob("*.yaml"))
 
-#: Small synthetic specs for the block kinds and tasks no example uses (conv_block,
+#: Small synthetic specs for the block kinds and tasks no example uses (conv_block, rms_norm,
 #: regression_head, the cnn family, the regression task).
 _COVERAGE_HEAD = """
 spec_version: 1
@@ -77,6 +77,7 @@ model:
       kind: mlp
       params: {in_features: data.in_features, hidden_size: width, activation: tanh}
     - {name: norm, kind: layer_norm, params: {d_model: width}}
+    - {name: rms, kind: rms_norm, params: {d_model: width}}
     - name: out
       kind: regression_head
       params: {in_features: width}
