@@ -101,11 +101,8 @@ def test_every_catalog_kind_has_exactly_one_partial() -> None:
 def test_partial_exports_what_the_templates_use(kind: str) -> None:
     env = Environment(loader=FileSystemLoader(TEMPLATE), extensions=[SpecExtension])
     module = env.get_template(f"includes/blocks/{kind}.py.jinja").make_module()
-    for name in ("test_imports", "sample", "call"):
+    for name in ("test_imports", "sample", "call", "role_test"):
         assert hasattr(module, name), f"{kind}: no {name}"
-    assert hasattr(module, "out_shape") and hasattr(module, "role_test")
-    if catalog.BLOCKS[kind].masked:
-        assert hasattr(module, "call_masked"), f"{kind}: masked kinds need call_masked"
 
 
 # -- view helpers -------------------------------------------------------------------------------
@@ -208,7 +205,7 @@ def _model_side(rendered: Rendered) -> list[Path]:
     repo = rendered.repo
     models = sorted((repo / "src" / rendered.spec.project.package / "models").rglob("*.py"))
     return [*models, repo / "tests" / "test_model.py"] + [
-        repo / "tests" / f"test_{c.name}.py" for c in rendered.spec.model.components
+        repo / "tests" / f"test_{c.name}.py" for c in View(rendered.spec).tested_components
     ]
 
 
@@ -255,9 +252,15 @@ def test_equation_markers_and_tests_are_in_step(rendered: Rendered) -> None:
     """Every spec equation has its ``# Eq. (<id>)`` marker (beside its builder in model.py, or
     in a custom component's module) and its ``test_equation_*`` test."""
     view = View(rendered.spec)
+    tests_dir = rendered.repo / "tests"
+    names = {c.name for c in view.components}
+    own = sorted(p.name for p in tests_dir.glob("test_*.py") if p.stem[len("test_") :] in names)
+    assert own == sorted(f"test_{c.name}.py" for c in view.tested_components)
     for comp in view.components:
+        if not comp.equation_tests:
+            continue
         module = (rendered.repo / "src" / view.package / "models" / f"{comp.module}.py").read_text()
-        tests = (rendered.repo / "tests" / f"test_{comp.name}.py").read_text()
+        tests = (tests_dir / f"test_{comp.name}.py").read_text()
         for eq, test in comp.equation_tests:
             assert f"# Eq. ({eq.id})" in module, f"{comp.name}: no marker for Eq. ({eq.id})"
             assert f"def {test}(" in tests, f"{comp.name}: no {test}"
