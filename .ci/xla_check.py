@@ -221,16 +221,17 @@ def find_package(repo: Path, package: str | None) -> str:
     return found[0]
 
 
-def read_training_config(repo: Path, config: str) -> dict[str, Any]:
-    """The ``training`` section of ``repo/config``."""
-    import yaml
-
+def read_training_config(repo: Path, package: str, config: str) -> dict[str, Any]:
+    """The ``training`` section of ``repo/config``, merged over the file it ``extends`` by the
+    repository's own ``config.read_config`` (``configs/smoke.yaml`` holds only overrides)."""
+    sys.path.insert(0, str(repo / "src"))
+    read_config = importlib.import_module(f"{package}.config").read_config
     path = repo / config
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        raw = read_config(path)
+    except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("training"), dict):
+    if not isinstance(raw.get("training"), dict):
         raise UsageError(f"{path} has no training section")
     return raw["training"]
 
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("run one process: XLA:CPU has no collectives across processes")
         package = find_package(repo, args.package)
-        tc = read_training_config(repo, args.config)
+        tc = read_training_config(repo, package, args.config)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -343,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla is imported
     os.chdir(repo)  # the config's checkpoint_dir and log_dir are relative to the repository
-    sys.path.insert(0, str(repo / "src"))
     probe = Probe()
     install_probe(package, probe)
     train = importlib.import_module(f"{package}.train")

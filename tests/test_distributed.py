@@ -166,20 +166,25 @@ def output(proc: subprocess.CompletedProcess[str]) -> str:
 
 def write_config(repo: Path, dst: Path, *, batch_size: int, out: Path) -> Path:
     """The smoke config with dropout off, ``STEPS`` updates of ``batch_size``, files in ``out``."""
-    raw = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text(encoding="utf-8"))
-    for name, value in raw["hparams"].items():
-        if "drop" in name.lower() and isinstance(value, float):
-            raw["hparams"][name] = 0.0
-    raw["data"].update(batch_size=batch_size, limit_train=64 * WORLD, limit_val=BATCH * WORLD)
-    raw["training"].update(
-        epochs=1,
-        max_steps=STEPS,
-        log_every=1,
-        seed=1234,
-        checkpoint_dir=str(out / "checkpoints"),
-        log_dir=str(out / "runs"),
-    )
-    raw["device"] = "cpu"
+    paper = yaml.safe_load((repo / "configs" / "paper.yaml").read_text(encoding="utf-8"))
+    raw = {
+        "extends": str(repo / "configs" / "smoke.yaml"),
+        "hparams": {
+            name: 0.0
+            for name, value in paper["hparams"].items()
+            if "drop" in name.lower() and isinstance(value, float)
+        },
+        "data": {"batch_size": batch_size, "limit_train": 64 * WORLD, "limit_val": BATCH * WORLD},
+        "training": {
+            "epochs": 1,
+            "max_steps": STEPS,
+            "log_every": 1,
+            "seed": 1234,
+            "checkpoint_dir": str(out / "checkpoints"),
+            "log_dir": str(out / "runs"),
+        },
+        "device": "cpu",
+    }
     dst.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return dst
 

@@ -237,34 +237,42 @@ def test_the_papers_own_loader_gets_a_delta_and_stand_in_data_does_not(tmp_path:
 
 
 @pytest.mark.parametrize("spec_path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_config_values_set_by_a_hyperparameter_agree(spec_path: Path) -> None:
+def test_a_value_set_by_a_hyperparameter_is_written_as_its_reference(spec_path: Path) -> None:
     spec = load_spec(spec_path)
-    for smoke in (False, True):
-        hparams = {e.key: e.value for e in configs.hparam_entries(spec, smoke=smoke)}
-        linked = [
-            e
-            for e in configs.data_entries(spec, "pkg", smoke=smoke)
-            + configs.training_entries(spec, smoke=smoke)
-            if e.hp
-        ]
-        assert linked, spec_path.name
-        for e in linked:
-            assert e.value == hparams[e.hp], (spec_path.name, smoke, e)
-        training = {e.key: e.value for e in configs.training_entries(spec, smoke=smoke)}
-        if smoke:
-            assert training["epochs"] == configs.SMOKE_EPOCHS
-        view = View(spec)
-        assert [view.smoke_value(h) for h in spec.hyperparameters] == [
-            e.value for e in configs.hparam_entries(spec, smoke=True)
-        ]
+    paper = configs.paper_sections(spec)
+    hparams = {e.key: e.value for e in paper["hparams"]}
+    linked = [e for e in paper["data"] + paper["training"] if e.hp]
+    assert linked, spec_path.name
+    for e in linked:
+        refs = [configs.reference(n) for n in e.hp]
+        assert (e.value if isinstance(e.value, list) else [e.value]) == refs, e
+        resolved = [hparams[n] for n in e.hp]
+        assert (e.resolved if isinstance(e.resolved, list) else [e.resolved]) == resolved, e
+    reads = configs.hparam_targets(spec)
+    assert all(reads.values()), f"{spec_path.name}: hyperparameters nothing reads: {reads}"
+
+
+@pytest.mark.parametrize("spec_path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_smoke_config_holds_only_overrides(spec_path: Path) -> None:
+    spec = load_spec(spec_path)
+    paper = {n: {e.key: e.value for e in es} for n, es in configs.paper_sections(spec).items()}
+    smoke = configs.smoke_sections(spec)
+    for name, entries in smoke.items():
+        for e in entries:
+            assert e.value != paper[name][e.key], (spec_path.name, name, e)
+    view = View(spec)
+    overridden = {e.key: e.value for e in smoke.get("hparams", [])}
+    for hp in spec.hyperparameters:
+        assert overridden.get(hp.name, hp.value) == view.smoke_value(hp), hp.name
 
 
 def test_the_epochs_hyperparameter_is_the_smoke_runs_length() -> None:
     spec = parse_spec(SCAFFOLD, name="scaffold")  # epochs: smoke 1 in the spec
-    smoke = {e.key: e for e in configs.hparam_entries(spec, smoke=True)}
-    training = {e.key: e for e in configs.training_entries(spec, smoke=True)}
-    assert smoke["epochs"].value == training["epochs"].value == configs.SMOKE_EPOCHS
-    assert training["epochs"].hp == "epochs"
+    smoke = configs.smoke_sections(spec)
+    hparams = {e.key: e for e in smoke["hparams"]}
+    assert hparams["epochs"].value == configs.SMOKE_EPOCHS
+    assert hparams["epochs"].note == "smoke run"
+    assert "epochs" not in {e.key for e in smoke["training"]}  # it reads hparams.epochs
 
 
 # -- docstrings ---------------------------------------------------------------------------------

@@ -102,8 +102,8 @@ def test_smoke_run_lowers_the_loss_and_evaluation_fills_the_readme(transformer: 
 
 def test_a_config_error_is_a_message_and_exit_code(transformer: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    smoke = (transformer / "configs" / "smoke.yaml").read_text()
-    bad.write_text(smoke.replace('optimizer: "adam"', 'optimizer: "adamx"'))
+    smoke = transformer / "configs" / "smoke.yaml"
+    bad.write_text(f"extends: {smoke}\ntraining:\n  optimizer: adamx\n")
     proc = python(transformer, "-m", "transformer.train", "--config", str(bad))
     assert proc.returncode == 2
     assert "optimizer: expected one of" in proc.stderr and "Traceback" not in proc.stderr
