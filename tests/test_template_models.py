@@ -149,7 +149,7 @@ def test_encoder_decoder_plan_wires_masks_and_memory() -> None:
     assert target.mask == "tgt_mask"
     assert target.steps[-2].args == "x, tgt_mask, memory, memory_mask"
     decoder = view.component("decoder_layer")
-    assert decoder.cross_attention is not None
+    assert [name for name, _ in decoder.encoder_sublayers] == ["cross_attention"]
     assert ("cross_attention", "build_multi_head_attention(hp, data)") in decoder.init_args()
 
 
