@@ -176,3 +176,17 @@ def test_latex_with_missing_input_still_gives_a_spec(tmp_path: Path) -> None:
 def _write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("render", "spec.yaml", "--out", "x"), "No such option: --out"),
+        (("implement", ".", "--max-rounds", "many"), "Invalid value for '--max-rounds'"),
+        (("no-such-command",), "No such command"),
+    ],
+)
+def test_usage_errors_print_a_message_not_a_traceback(tmp_path, args, message):
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
