@@ -173,6 +173,12 @@ class _Handler(BaseHTTPRequestHandler):
                         hit["highlight"] = {"abstract": [marked]}
                     hits.append(hit)
             hits.sort(key=lambda h: -h["_score"])
+        elif "match" in query or "term" in query:
+            ((field, value),) = (query.get("match") or query["term"]).items()
+            want = str(value).lower()
+            for doc_id, src in INDEX.items():
+                if want in str(src.get(field, "")).lower():
+                    hits.append({"_id": doc_id, "_score": 1.0})
         elif "range" in query:
             ((field, cond),) = query["range"].items()
             days = int(re.fullmatch(r"now-(\d+)d/d", cond["gte"]).group(1))
@@ -325,6 +331,15 @@ def test_search(source: OpenSearchSource, opensearch: FakeOpenSearch) -> None:
     assert body["size"] == 5
     with pytest.raises(InputError, match="empty"):
         source.search("  ")
+
+
+def test_search_with_query_dsl(source: OpenSearchSource, opensearch: FakeOpenSearch) -> None:
+    hits = source.search_dsl({"match": {"title": "gated"}}, limit=3)
+    assert [h.id for h in hits] == ["arxiv:2401.99999"]
+    body = opensearch.requests[-1]["body"]
+    assert body["query"] == {"match": {"title": "gated"}} and body["size"] == 3
+    with pytest.raises(InputError, match="empty"):
+        source.search_dsl({})
 
 
 def test_recent(source: OpenSearchSource, opensearch: FakeOpenSearch) -> None:
