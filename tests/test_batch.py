@@ -300,6 +300,8 @@ def test_a_paper_from_a_folder_smoke_trains(env: dict[str, str], tmp_path: Path)
     metrics = training["metrics"]
     assert metrics["epochs"] == 2 and metrics["final_train_loss"] > 0
     assert "accuracy" in metrics["val"]
+    assert training["config"] == "configs/smoke.yaml"
+    assert Path(training["report"]).name == "ml_res.md" and Path(training["report"]).is_file()
     paper = open_store(results).papers()[0]
     assert paper["smoke"] == metrics and paper["source"] == "file"
 

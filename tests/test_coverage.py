@@ -264,7 +264,9 @@ def test_extract_prints_the_verdict_and_what_is_missing(tmp_path: Path) -> None:
 
 def test_new_json_puts_coverage_first(tmp_path: Path) -> None:
     res = run_cli(
-        "new", str(FIXTURES / "rl-paper.md"), "-o", str(tmp_path / "r"), "--no-verify", "--json"
+        "new",
+        str(FIXTURES / "rl-paper.md"),
+        *("-o", str(tmp_path / "r"), "--no-verify", "--no-train", "--json"),
     )
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads(res.stdout)
@@ -283,3 +285,5 @@ def test_new_prints_coverage_first_and_commands_as_plain_text(tmp_path: Path) ->
     assert lines[0].startswith("coverage: scaffold")
     assert any("✗ The paper's reinforcement learning procedure" in line for line in lines)
     assert "pip install -e '.[dev]'" in res.stdout  # rich markup would have eaten "[dev]"
+    assert "training (configs/smoke.yaml): 2 epochs, final loss" in res.stdout
+    assert (tmp_path / "r" / "ml_res.md").is_file()

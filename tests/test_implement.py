@@ -272,7 +272,7 @@ def test_new_with_an_llm_writes_the_custom_components(wire, tmp_path, monkeypatc
 
     run = NewRun(
         str(llm_fix / "tiny-translator.md"), tmp_path / "tt", verify=False, llm="openai",
-        cache=False,
+        cache=False, train=False,
     )  # fmt: skip
     result = run.run()
 

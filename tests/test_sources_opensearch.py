@@ -486,6 +486,7 @@ def test_new_end_to_end_from_the_team_index(
             "-o",
             str(tmp_path / "repo"),
             "--no-verify",
+            "--no-train",
             "--json",
         ],
         env=env,

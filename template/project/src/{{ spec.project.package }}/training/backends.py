@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,14 @@ class Backend:
         where = f"rank {self.process.rank}/{self.process.world_size}"
         return f"{self.name} ({self.device}, {where}, {self.precision})"
 
+    def peak_memory(self) -> tuple[int, str]:
+        """The most memory this process has used, in bytes, and what was measured: the host
+        process's peak resident set (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+        import resource  # Unix only
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak if sys.platform == "darwin" else peak * 1024), "CPU max RSS"
+
 
 class CudaBackend(Backend):
     """NVIDIA GPUs, one per process; fp16 runs with a gradient scaler."""
@@ -268,6 +277,9 @@ class CudaBackend(Backend):
         _clip(parameters, max_norm)
         self._scaler.step(optimizer)  # skips the update when fp16 gradients overflowed
         self._scaler.update()
+
+    def peak_memory(self) -> tuple[int, str]:
+        return torch.cuda.max_memory_allocated(self.device), "CUDA max allocated"
 
 
 class NeuronBackend(Backend):

@@ -10,14 +10,19 @@ fast, and that cost nothing elsewhere:
 - no host reads in the step: the loss stays on the device, is read every ``log_every`` updates
   through ``backend.on_host`` (a step closure on XLA), and once per epoch;
 - one sync per step, made by the backend's loader (``MpDeviceLoader`` on XLA).
+
+The master process logs what it has read to ``metrics.jsonl``, TensorBoard and, with
+``training.wandb``, Weights & Biases (see :mod:`.logging`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import Logger
 from pathlib import Path
@@ -31,7 +36,7 @@ from ..data.info import DataInfo
 from ..evaluation.evaluator import evaluate
 from .backends import Backend, Batch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .logging import MetricsFile, get_logger
+from .logging import MetricsFile, MetricsLog, TensorBoardLog, WandbLog, get_logger
 from .losses import build_loss
 from .optim import build_optimizer, build_scheduler
 
@@ -96,14 +101,34 @@ class Trainer:
         self.epoch = 0  # epochs done
         self.log = logger or get_logger(__name__, is_master=backend.is_master)
         self.metrics = MetricsFile(self.tc.log_dir, enabled=backend.is_master)
+        self.logs: list[MetricsLog] = [self.metrics]  # fit() adds the dashboards
         self.checkpoint_path = Path(self.tc.checkpoint_dir) / "last.pt"
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> list[EpochResult]:
         """Train until ``total_steps`` updates are done; returns one result per epoch."""
-        self.metrics.write(
-            "start", config=dataclasses.asdict(self.cfg), backend=self.backend.describe()
-        )
+        with self._dashboards():
+            return self._fit()
+
+    @contextlib.contextmanager
+    def _dashboards(self) -> Iterator[None]:
+        """TensorBoard and Weights & Biases logs for the length of a run, on the master."""
+        opened: list[MetricsLog] = []
+        if self.backend.is_master and self.tc.tensorboard:
+            opened.append(TensorBoardLog(self.tc.log_dir))
+        if self.backend.is_master and self.tc.wandb:
+            config = dataclasses.asdict(self.cfg)
+            opened.append(WandbLog(self.tc.log_dir, __name__.split(".")[0], config))
+        self.logs += opened
+        try:
+            yield
+        finally:
+            for log in opened:
+                log.close()
+                self.logs.remove(log)
+
+    def _fit(self) -> list[EpochResult]:
+        self._write("start", config=dataclasses.asdict(self.cfg), backend=self.backend.describe())
         self.log.info(
             "training on %s: %d epoch(s), %d updates of %d micro-batch(es)",
             self.backend.describe(),
@@ -115,7 +140,7 @@ class Trainer:
         while self.step < self.total_steps:
             self.epoch += 1
             history.append(self.run_epoch())
-        self.metrics.write("end", step=self.step)
+        self._write("end", step=self.step)
         return history
 
     def run_epoch(self) -> EpochResult:
@@ -177,7 +202,7 @@ class Trainer:
     def _log_step(self, loss: Tensor, step: int, lr: float) -> None:
         value = loss.item()
         self.log.info("step %d/%d  loss %.4f  lr %.3e", step, self.total_steps, value, lr)
-        self.metrics.write("step", step=step, epoch=self.epoch, loss=value, lr=lr)
+        self._write("step", step=step, epoch=self.epoch, loss=value, lr=lr)
 
     def _finish_epoch(self, loss_sum: Tensor, count: int, lr: float, start: float) -> EpochResult:
         val = evaluate(self.model, self.val_loader, self.loss_fn, self.backend, self.info)
@@ -206,8 +231,14 @@ class Trainer:
             lr,
             seconds,
         )
-        self.metrics.write("epoch", **dataclasses.asdict(result))
+        self._write("epoch", **dataclasses.asdict(result))
         return result
+
+    def _write(self, event: str, **fields: object) -> None:
+        """One event to every metrics log (on the master; the others have none but a disabled
+        ``metrics.jsonl``)."""
+        for log in self.logs:
+            log.write(event, **fields)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
