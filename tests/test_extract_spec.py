@@ -217,3 +217,40 @@ def test_inconsistent_shapes_still_validate(text: str, check: dict[str, int]) ->
     spec = extract(doc).spec
     for name, value in check.items():
         assert spec.hp(name).value == value, name
+
+
+def test_a_vision_transformer_gets_the_vit_family_and_its_blocks() -> None:
+    """A made-up paper (our own words) describing a Vision Transformer for CIFAR-10."""
+    doc = Document(
+        id="tessera",
+        title="Tessera: Reading Pictures as Tiles",
+        format="markdown",
+        abstract="We classify CIFAR-10 images with a vision transformer that reads image patches.",
+        sections=(
+            Section(
+                "Model",
+                "Each picture is cut into image patches of 4 by 4 pixels; a linear patch embedding "
+                "maps every flattened tile to the model width, a learned class token is put in "
+                "front, and learned position embeddings are added. A standard Transformer encoder "
+                "with 6 layers and 8 attention heads follows, and the final state of the class "
+                "token is classified.",
+                "2",
+            ),
+        ),
+    )
+    spec = extract(doc).spec
+    assert (spec.task.type, spec.model.family) == ("image_classification", "vit")
+    kinds = [c.kind for c in spec.model.components]
+    assert kinds[:3] == ["patch_embedding", "class_token", "learned_positional_embedding"]
+    assert "transformer_encoder_layer" in kinds and kinds[-2:] == [
+        "layer_norm",
+        "classification_head",
+    ]
+    assert spec.component("classifier").params["pooling"] == "first"
+    assert spec.component("encoder_layer").params["norm_first"] is True
+    assert not any(a.topic == "architecture family" for a in spec.ambiguities)
+    smoke = {h.name: h.smoke_value for h in spec.hyperparameters}
+    assert (
+        8 % smoke["patch_size"] == 0
+        and smoke["num_positions"] >= (8 // smoke["patch_size"]) ** 2 + 1
+    )
