@@ -8,7 +8,6 @@ Specs are the examples, plus throwaway variants of them that reach the other loa
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -157,7 +156,6 @@ def test_only_the_needed_modules_are_rendered(case: str, rendered: Callable[[str
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed")
 @pytest.mark.parametrize("case", CASES)
 def test_data_code_is_ruff_clean(case: str, rendered: Callable[[str], Path]) -> None:
     repo = rendered(case)
