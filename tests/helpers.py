@@ -21,10 +21,10 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
     )
 
 
-def smoke_train(repo: Path, package: str) -> list[float]:
-    """Run configs/smoke.yaml; return the per-epoch training losses it printed."""
+def smoke_train(repo: Path, package: str, config: str = "configs/smoke.yaml") -> list[float]:
+    """Run ``config`` (the smoke config); return the per-epoch training losses it printed."""
     proc = subprocess.run(
-        [sys.executable, "-m", f"{package}.train", "--config", "configs/smoke.yaml"],
+        [sys.executable, "-m", f"{package}.train", "--config", config],
         cwd=repo,
         env={**os.environ, "PYTHONPATH": str(repo / "src")},
         capture_output=True,

@@ -79,6 +79,8 @@ def test_ruff_is_pinned_alike_here_in_the_template_and_installed() -> None:
     assert version("ruff") == RUFF_VERSION
     template = (ROOT / "template" / "project" / "pyproject.toml.jinja").read_text()
     assert '"ruff=={{ ruff.version }}"' in template
+    multi = (ROOT / "template" / "multi" / "pyproject.toml.jinja").read_text()
+    assert '"ruff=={{ ruff.version }}"' in multi
 
 
 def test_generated_python_files_render_in_a_filter_block_on_their_own_lines() -> None:
@@ -88,11 +90,21 @@ def test_generated_python_files_render_in_a_filter_block_on_their_own_lines() ->
     source = (root / name).read_text()
     wrapped = env.preprocess(source, name)
     assert wrapped.count("\n") == source.count("\n")
-    assert wrapped.startswith("{% filter ruff_format(p2r(spec).package) %}")
+    assert wrapped.startswith("{% filter ruff_format(first_party()) %}")
+    paper = "multi/src/{{ project.package }}/{% yield spec from project.papers %}"
+    for also, path in (
+        # a paper of a multi-paper project, as the template cache names it (multi/LINKS)
+        (paper + "{{ spec.project.package }}{% endyield %}/models/model.py.jinja", name),
+        # a conditional file
+        ("multi/src/{{ project.package }}/{% if project.links %}links.py{% endif %}.jinja",) * 2,
+    ):
+        assert env.preprocess((root / path).read_text(), also).startswith(wrapped[:40])
     for unwrapped in (
         "includes/blocks/mlp.py.jinja",  # macros, which the generated files import
-        "project/src/{{ spec.project.package }}/models/blocks/"  # a block, copied as it is
+        "project/src/{{ spec.project.package }}/models/"  # a block, copied as it is
+        "{% if not p2r(spec).in_project %}blocks{% endif %}/"
         "{% yield kind from p2r(spec).block_kinds %}{{ kind }}{% endyield %}.py.jinja",
+        "multi/README.md.jinja",
     ):
         source = (root / unwrapped).read_text()
         assert env.preprocess(source, unwrapped) == source

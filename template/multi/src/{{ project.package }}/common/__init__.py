@@ -1,0 +1,1 @@
+"""What the papers of this project share."""
