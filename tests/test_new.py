@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -118,6 +120,17 @@ def test_demo_paper_new_and_train(tmp_path: Path) -> None:
     assert f"| Final training loss | {metrics['final_train_loss']:.4f} |" in report
     assert f"accuracy {metrics['val']['accuracy']:.4f}" in report
     assert "| Peak memory |" in report and "## Deviations" in report
+    # Its package name is longer than the examples': what names it must still fit the lines
+    # (ruff lints the notebook too).
+    for ruff in (["check"], ["format", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", *ruff, "."],
+            cwd=result.path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_new_json_output(tmp_path: Path) -> None:
