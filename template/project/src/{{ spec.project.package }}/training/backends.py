@@ -112,6 +112,8 @@ class Backend:
     name = "cpu"
     process_group = "gloo"
     compile_backend = "inductor"
+    #: Whether Adam(W) keeps the learning rate as a tensor on the device (see ``optim.py``).
+    tensor_lr = False
 
     def __init__(self, process: ProcessInfo, *, precision: str = "fp32", compile: bool = False):
         if precision not in PRECISIONS:
@@ -309,6 +311,7 @@ class XlaBackend(Backend):
 
     name = "xla"
     process_group = "xla"
+    tensor_lr = True  # a float rate changing every update can change the step's graph
 
     def __init__(self, process: ProcessInfo, *, precision: str = "fp32", compile: bool = False):
         # Read once, when torch_xla is first imported: without it the values 0 and 1 become
