@@ -28,7 +28,8 @@ Then, apart from the run, **a learning rate decayed to 0 compiles nothing new**:
 repository's own ``build_optimizer`` and ``build_scheduler`` (AdamW, weight decay 0.01, linear
 decay to 0, the way the trainer builds them on XLA) update a small model for
 ``--lr-decay-steps``; a rate held as a Python float makes ``1 - lr * weight_decay`` a new
-special value (1.0) late in the decay and compiles the update again.
+special value (1.0) late in the decay, and a rate of exactly 0 shares the device value of the
+graph's other zeros, each of which compiles the update again.
 
 Phases, following the trainer (``MpDeviceLoader`` syncs whenever it hands out a batch):
 
@@ -350,7 +351,8 @@ def lr_decay_compiles(package: str, repo: Path, config: str, steps: int) -> int:
     torch_xla.sync()
     before = Probe.snapshot()["compiles"]
     for _ in range(steps):
-        model(x).square().mean().backward()
+        # clamp: a 0.0 in the graph, as real models have, which a rate of exactly 0 would share
+        model(x).clamp(min=0.0).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

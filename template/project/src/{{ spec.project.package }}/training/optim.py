@@ -3,12 +3,14 @@
 Every schedule is a multiplier of ``training.lr`` applied with ``LambdaLR`` and stepped once
 per optimizer update (not per micro-batch, not per epoch).
 
-On a lazy (XLA) device a learning rate held as a Python float is a new value in the graph at
-every update; where an expression of it rounds to a special value (AdamW's ``1 - lr *
-weight_decay`` reaches 1.0 late in a decay) the step graph changes and compiles again. There
-Adam and AdamW keep the learning rate as a tensor on the device (``lr_device``), which the
-schedule fills in place, and run ``capturable`` (the step count and bias corrections on the
-device too, with no host read). :func:`scheduled_lr` is the rate read on the host, for logs.
+On a lazy (XLA) device a learning rate held as a Python float is a scalar in the graph, new
+at every update; where it, or an expression of it, takes a value that is special to XLA (AdamW's
+``1 - lr * weight_decay`` rounds to 1.0 late in a decay; a rate of exactly 0 shares its device
+value with the graph's other zeros) the step graph changes and compiles again. There Adam and
+AdamW run ``capturable`` (step count and bias corrections on the device, no host read) with the
+learning rate a ``[1]`` tensor on the device (``lr_device``), which :class:`Schedule` replaces
+after every update with the next rate copied from the host: data, never a graph constant.
+:func:`scheduled_lr` is the rate read on the host, for logs.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ def build_optimizer(
 
 
 def _lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Make every group's learning rate a float32 tensor on ``device`` (also after a checkpoint
-    is loaded, which brings it back as a float or a CPU tensor)."""
+    """Make every group's learning rate a ``[1]`` float32 tensor on ``device``, copied from the
+    host (also after a checkpoint is loaded, which brings it back as a float or a CPU tensor).
+    Not 0-d: XLA takes a 0-d value copied to the device for a scalar of the graph."""
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32).to(device)
+        group["lr"] = torch.tensor([float(group["lr"])], dtype=torch.float32).to(device)
 
 
 def lr_factor(cfg: TrainingConfig, step: int, *, total_steps: int, steps_per_epoch: int) -> float:
@@ -104,35 +107,43 @@ def lr_factor(cfg: TrainingConfig, step: int, *, total_steps: int, steps_per_epo
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
+class Schedule(LambdaLR):
+    """``LambdaLR`` that copies each rate to the device where the optimizer keeps it there.
+
+    LambdaLR fills a tensor learning rate in place with a number, which on XLA is a scalar of
+    the step graph; each step here replaces that tensor with the rate copied from the host.
+    """
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        for group, base_lr, factor in zip(
+            self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True
+        ):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                group["lr"] = torch.tensor([base_lr * factor(self.last_epoch)]).to(lr.device)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainingConfig, *, total_steps: int, steps_per_epoch: int
-) -> LambdaLR:
-    """``LambdaLR`` following :func:`lr_factor`; call ``step()`` after each optimizer update.
+) -> Schedule:
+    """A :class:`Schedule` following :func:`lr_factor`; call ``step()`` after each update.
 
     ``LambdaLR`` evaluates the factor once on construction, so a bad schedule fails here. The
-    base rate is ``cfg.lr`` as a number, so that the rate the schedule writes into a tensor
-    learning rate is a number too, never a device value read back to the host.
+    base rate is ``cfg.lr`` as a number, also where the optimizer holds a tensor.
     """
     if cfg.schedule == "noam" and cfg.schedule_d_model <= 0:
         raise ValueError("the noam schedule needs training.schedule_d_model > 0")
-    lr = optimizer.param_groups[0]["lr"]
-    device = lr.device if isinstance(lr, torch.Tensor) else None
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", cfg.lr)
-        # A tensor rate is filled in place by each later step(); the first value, which
-        # LambdaLR writes before any update, is set as a number and copied to the device
-        # below, so that on XLA it is data and not a pending graph of its own.
-        group["lr"] = cfg.lr
 
     def factor(updates_done: int) -> float:  # LambdaLR counts from 0; updates from 1
         return lr_factor(
             cfg, updates_done + 1, total_steps=total_steps, steps_per_epoch=steps_per_epoch
         )
 
-    scheduler = LambdaLR(optimizer, factor)
-    if device is not None:
-        _lr_on_device(optimizer, device)
-    return scheduler
+    return Schedule(optimizer, factor)
 
 
 def scheduled_lr(scheduler: LambdaLR) -> float:
