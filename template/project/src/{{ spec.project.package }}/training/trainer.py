@@ -37,7 +37,7 @@ from ..evaluation.evaluator import evaluate
 from .backends import Backend, Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricsFile, MetricsLog, TensorBoardLog, WandbLog, get_logger
-from .losses import build_loss
+from .losses import build_loss, rank_weight
 from .optim import build_optimizer, build_scheduler, scheduled_lr
 
 
@@ -181,8 +181,10 @@ class Trainer:
         with self.backend.autocast():
             output = self.step_model(*inputs)
         loss = self.loss_fn(output, target)
-        # Dividing by the window makes the accumulated gradient the window's mean.
-        self.backend.backward(loss / self.accum)
+        # Dividing by the window makes the accumulated gradient the window's mean; under DDP
+        # a token loss is weighted by this rank's share of the tokens (see rank_weight).
+        weight = rank_weight(target, self.info, self.backend)
+        self.backend.backward(loss * weight / self.accum)
         return loss.detach()
 
     def update(self) -> float:
