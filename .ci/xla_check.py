@@ -20,8 +20,16 @@ functions to snapshot ``torch_xla.debug.metrics`` at phase boundaries, runs
   epoch but no read per step, which would add one per step (16 in the smoke run);
 - the trainer's JSONL metrics log holds one ``step`` record per logging interval.
 
-Evaluation is counted separately: its first-epoch compiles are reported and bounded by
-``--max-eval-compiles``.
+Evaluation (or sampling) is counted separately: its first-epoch compiles are reported and
+bounded by ``--max-eval-compiles`` (default 2: e.g. a teacher-forced pass with the metrics, and
+one greedy-decoding step run for every position).
+
+Then, apart from the run, **a learning rate decayed to 0 compiles nothing new**: the
+repository's own ``build_optimizer`` and ``build_scheduler`` (AdamW, weight decay 0.01, linear
+decay to 0, the way the trainer builds them on XLA) update a small model for
+``--lr-decay-steps``; a rate held as a Python float makes ``1 - lr * weight_decay`` a new
+special value (1.0) late in the decay, and a rate of exactly 0 shares the device value of the
+graph's other zeros, each of which compiles the update again.
 
 Phases, following the trainer (``MpDeviceLoader`` syncs whenever it hands out a batch):
 
@@ -311,6 +319,47 @@ def check(probe: Probe, *, log_every: int, max_train: int, max_eval: int) -> tup
     return failures, expected_records
 
 
+def lr_decay_compiles(package: str, repo: Path, config: str, steps: int) -> int:
+    """Graphs compiled by ``steps`` AdamW updates of a small model whose learning rate decays
+    linearly to 0, with the repository's optimizer and schedule, the trainer's way on XLA."""
+    import dataclasses
+
+    import torch
+    import torch_xla
+
+    optim = importlib.import_module(f"{package}.training.optim")
+    backends = importlib.import_module(f"{package}.training.backends")
+    load_config = importlib.import_module(f"{package}.config").load_config
+    tc = dataclasses.replace(
+        load_config(repo / config).training,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.01,
+        schedule="linear",
+        warmup_steps=0,
+        min_lr=0.0,
+    )
+    device = torch_xla.device()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(device)
+    x = torch.randn(16, 8).to(device)
+    if getattr(backends.XlaBackend, "tensor_lr", False):
+        optimizer = optim.build_optimizer(model.parameters(), tc, lr_device=device)
+    else:  # a repository rendered before the learning rate could live on the device
+        optimizer = optim.build_optimizer(model.parameters(), tc)
+    scheduler = optim.build_scheduler(optimizer, tc, total_steps=steps, steps_per_epoch=steps)
+    torch_xla.sync()
+    before = Probe.snapshot()["compiles"]
+    for _ in range(steps):
+        # clamp: a 0.0 in the graph, as real models have, which a rate of exactly 0 would share
+        model(x).clamp(min=0.0).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        torch_xla.sync()
+    return Probe.snapshot()["compiles"] - before
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -324,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="default: 2, plus 1 per grad_accum_steps above 1, up to 4",
     )
-    parser.add_argument("--max-eval-compiles", type=int, default=6)
+    parser.add_argument("--max-eval-compiles", type=int, default=2)
+    parser.add_argument(
+        "--lr-decay-steps", type=int, default=32, help="AdamW updates to 0 (0: no such check)"
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements to this file")
     args = parser.parse_args(argv)
 
@@ -364,8 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step records in {metrics_file}: {logged} (expected {expected})")
     if logged != expected:
         failures.append(f"{logged} step records in {metrics_file}, expected {expected}")
+    decay_compiles = None
+    if args.lr_decay_steps:
+        decay_compiles = lr_decay_compiles(package, repo, args.config, args.lr_decay_steps)
+        print(
+            f"AdamW with the learning rate decayed to 0 over {args.lr_decay_steps} updates: "
+            f"{decay_compiles} compile(s) (max 2)"
+        )
+        if decay_compiles > 2:
+            failures.append(
+                f"AdamW compiled {decay_compiles} graphs as its learning rate decayed (max 2)"
+            )
     if args.json:
-        measured = {"phases": [asdict(p) for p in probe.phases], "steps": probe.steps}
+        measured = {
+            "phases": [asdict(p) for p in probe.phases],
+            "steps": probe.steps,
+            "lr_decay_compiles": decay_compiles,
+        }
         args.json.write_text(json.dumps(measured, indent=1) + "\n", encoding="utf-8")
     if failures:
         print("\nFAIL (rerun with PT_XLA_DEBUG_LEVEL=1 to see why each graph compiled):")

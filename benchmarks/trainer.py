@@ -197,7 +197,8 @@ def minimal_xla_side(gen: Generated, cfg: Any) -> Side:
     model.to(device)
     tc = cfg.training
     loss_fn = gen.losses.build_loss(tc, info)
-    optimizer = gen.optim.build_optimizer(model.parameters(), tc)
+    # The trainer's optimizer on XLA: the learning rate a tensor on the device.
+    optimizer = gen.optim.build_optimizer(model.parameters(), tc, lr_device=device)
     n = len(train_loader)
     scheduler = gen.optim.build_scheduler(optimizer, tc, total_steps=10_000 * n, steps_per_epoch=n)
     device_loader = pl.MpDeviceLoader(train_loader, device)

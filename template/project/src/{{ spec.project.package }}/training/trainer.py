@@ -37,8 +37,8 @@ from ..evaluation.evaluator import evaluate
 from .backends import Backend, Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricsFile, MetricsLog, TensorBoardLog, WandbLog, get_logger
-from .losses import build_loss
-from .optim import build_optimizer, build_scheduler
+from .losses import build_loss, rank_weight
+from .optim import build_optimizer, build_scheduler, scheduled_lr
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class Trainer:
         self.step_model = backend.prepare(model)  # what the step calls (DDP, compiled)
         self.train_loader, self.val_loader, self.info = train_loader, val_loader, info
         self.loss_fn = build_loss(self.tc, info)
-        self.optimizer = build_optimizer(model.parameters(), self.tc)
+        lr_device = backend.device if backend.tensor_lr else None
+        self.optimizer = build_optimizer(model.parameters(), self.tc, lr_device=lr_device)
         self.accum = self.tc.grad_accum_steps
         self.steps_per_epoch = len(train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -158,7 +159,7 @@ class Trainer:
         # scalar: XLA bakes a 0-d zero into the graph as a constant.)
         loss_sum = torch.zeros(1, dtype=torch.float32).to(self.backend.device)
         count = 0
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = scheduled_lr(self.scheduler)
         for i, batch in enumerate(batches):
             boundary = (i + 1) % self.accum == 0
             # Under DDP, gradients are averaged across ranks only at the window's end.
@@ -180,13 +181,15 @@ class Trainer:
         with self.backend.autocast():
             output = self.step_model(*inputs)
         loss = self.loss_fn(output, target)
-        # Dividing by the window makes the accumulated gradient the window's mean.
-        self.backend.backward(loss / self.accum)
+        # Dividing by the window makes the accumulated gradient the window's mean; under DDP
+        # a token loss is weighted by this rank's share of the tokens (see rank_weight).
+        weight = rank_weight(target, self.info, self.backend)
+        self.backend.backward(loss * weight / self.accum)
         return loss.detach()
 
     def update(self) -> float:
         """One optimizer update; returns the learning rate it used."""
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = scheduled_lr(self.scheduler)
         self.backend.optimizer_step(self.optimizer, self.model.parameters(), self.tc.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
