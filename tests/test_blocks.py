@@ -50,6 +50,7 @@ def sample(kind: str) -> Any:
         "sequence": lambda: torch.randn(2, LENGTH, WIDTH),
         "features": lambda: torch.randn(4, WIDTH),
         "image": lambda: torch.randn(2, WIDTH, 8, 8),
+        "logits": lambda: torch.randn(2, LENGTH, WIDTH),
     }[catalog.accepted_ports(kind)[0]]()
 
 
