@@ -253,7 +253,7 @@ def score_input(
     want_model = list(data.get("pretrained") or [])
     got_model = found_pretrained(result)
     if want_model or got_model:
-        ok = got_model in want_model
+        ok = got_model in [m.lower() for m in want_model]  # Hub ids ignore case
         print(
             f"   pretrained model: found {got_model or '-'},"
             f" expected {' or '.join(want_model) or '-'}"
@@ -262,7 +262,7 @@ def score_input(
     row.update(
         pretrained_expected=want_model,
         pretrained_found=got_model,
-        pretrained_ok=bool(want_model) and got_model in want_model,
+        pretrained_ok=bool(want_model) and got_model in [m.lower() for m in want_model],
     )
     parts = data.get("method_parts") or []
     if verbose and parts:
