@@ -50,6 +50,7 @@ def sample(kind: str) -> Any:
         "sequence": lambda: torch.randn(2, LENGTH, WIDTH),
         "features": lambda: torch.randn(4, WIDTH),
         "image": lambda: torch.randn(2, WIDTH, 8, 8),
+        "logits": lambda: torch.randn(2, LENGTH, WIDTH),
     }[catalog.accepted_ports(kind)[0]]()
 
 
@@ -67,7 +68,7 @@ def test_every_kind_is_a_module_with_one_class() -> None:
 
 
 @pytest.mark.parametrize("kind", blocks.kinds())
-def test_a_block_imports_only_torch_the_standard_library_and_blocks(kind: str) -> None:
+def test_a_block_imports_only_torch_the_standard_library_its_extras_and_blocks(kind: str) -> None:
     tree = ast.parse(blocks.source(kind))
     tops = {
         (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
@@ -75,7 +76,8 @@ def test_a_block_imports_only_torch_the_standard_library_and_blocks(kind: str) -
         if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0)
         for alias in node.names
     }
-    assert tops <= {"torch"} | sys.stdlib_module_names, tops
+    extras = set(blocks.metadata(kind).extras)
+    assert tops <= {"torch"} | sys.stdlib_module_names | extras, tops
     assert set(blocks.requires(kind)) <= set(blocks.kinds())
 
 
@@ -113,6 +115,8 @@ def test_forward_is_finite_and_every_weight_learns(kind: str) -> None:
     assert torch.isfinite(out).all()
     (out * torch.randn_like(out)).sum().backward()
     for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:  # frozen by design (pretrained weights under LoRA)
+            continue
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     if x.is_floating_point():
         assert x.grad is not None and torch.isfinite(x.grad).all()
