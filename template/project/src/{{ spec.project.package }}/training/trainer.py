@@ -38,6 +38,7 @@ from .backends import Backend, Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricsFile, MetricsLog, TensorBoardLog, WandbLog, get_logger
 from .losses import build_loss
+from .objective import build_objective
 from .optim import build_optimizer, build_scheduler
 
 
@@ -81,6 +82,7 @@ class Trainer:
         self.step_model = backend.prepare(model)  # what the step calls (DDP, compiled)
         self.train_loader, self.val_loader, self.info = train_loader, val_loader, info
         self.loss_fn = build_loss(self.tc, info)
+        self.objective = build_objective(cfg, info, self.model)  # batch -> inputs, target
         self.optimizer = build_optimizer(model.parameters(), self.tc)
         self.accum = self.tc.grad_accum_steps
         self.steps_per_epoch = len(train_loader) // self.accum
@@ -176,7 +178,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> Tensor:
         """Forward and backward on one micro-batch; the loss comes back detached, on device."""
-        *inputs, target = batch
+        *inputs, target = self.objective.prepare(batch)
         with self.backend.autocast():
             output = self.step_model(*inputs)
         loss = self.loss_fn(output, target)
@@ -189,6 +191,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.backend.optimizer_step(self.optimizer, self.model.parameters(), self.tc.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_update(self.model)
         self.scheduler.step()
         self.step += 1
         return lr
@@ -205,7 +208,8 @@ class Trainer:
         self._write("step", step=step, epoch=self.epoch, loss=value, lr=lr)
 
     def _finish_epoch(self, loss_sum: Tensor, count: int, lr: float, start: float) -> EpochResult:
-        val = evaluate(self.model, self.val_loader, self.loss_fn, self.backend, self.info)
+        model = self.objective.eval_model(self.model)
+        val = evaluate(model, self.val_loader, self.loss_fn, self.backend, self.info, self.objective)
         if self.backend.graphs_only:
             # neuron_parallel_compile: the values are placeholders; the graphs are what counts.
             self.log.info("epoch %d: graphs extracted", self.epoch)
