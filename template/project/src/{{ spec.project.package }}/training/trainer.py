@@ -165,7 +165,7 @@ class Trainer:
             boundary = (i + 1) % self.accum == 0
             # Under DDP, gradients are averaged across ranks only at the window's end.
             with self.backend.no_sync(self.step_model, sync=boundary):
-                loss = self.train_step(batch)
+                loss = self.train_step(self.objective.prepare(batch))
             loss_sum = loss_sum + loss.float()
             count += 1
             if boundary:
@@ -178,7 +178,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> Tensor:
         """Forward and backward on one micro-batch; the loss comes back detached, on device."""
-        *inputs, target = self.objective.prepare(batch)
+        *inputs, target = batch
         with self.backend.autocast():
             output = self.step_model(*inputs)
         loss = self.loss_fn(output, target)
@@ -209,7 +209,9 @@ class Trainer:
 
     def _finish_epoch(self, loss_sum: Tensor, count: int, lr: float, start: float) -> EpochResult:
         model = self.objective.eval_model(self.model)
-        val = evaluate(model, self.val_loader, self.loss_fn, self.backend, self.info, self.objective)
+        val = evaluate(
+            model, self.val_loader, self.loss_fn, self.backend, self.info, self.objective
+        )
         if self.backend.graphs_only:
             # neuron_parallel_compile: the values are placeholders; the graphs are what counts.
             self.log.info("epoch %d: graphs extracted", self.epoch)
