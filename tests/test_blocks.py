@@ -45,11 +45,14 @@ def build(kind: str) -> Any:
 
 def sample(kind: str) -> Any:
     """A small batch of the block's input port."""
+    image_size = catalog.BLOCKS[kind].param("image_size")
+    size = int(image_size.default) if image_size else 8  # a U-Net halves it at each level
     return {
         "tokens": lambda: torch.randint(WIDTH, (2, LENGTH)),
         "sequence": lambda: torch.randn(2, LENGTH, WIDTH),
         "features": lambda: torch.randn(4, WIDTH),
-        "image": lambda: torch.randn(2, WIDTH, 8, 8),
+        "image": lambda: torch.randn(2, WIDTH, size, size),
+        "timestep": lambda: torch.randint(0, 1000, (2,)),
         "logits": lambda: torch.randn(2, LENGTH, WIDTH),
     }[catalog.accepted_ports(kind)[0]]()
 
@@ -58,6 +61,10 @@ def call(module: Any, x: Any, mask: Any = None) -> Any:
     """``module`` on ``x``: attention takes query, key and value (and a mask when given)."""
     names = list(inspect.signature(module.forward).parameters)
     args = (x, x, x) if names[0] == "query" else (x,)
+    if names[1:2] == ["timestep"]:  # a denoiser: a diffusion step per example
+        args = (x, torch.randint(0, 1000, (x.shape[0],)))
+    elif names[1:2] == ["emb"]:  # a block conditioned on an embedding of width WIDTH
+        args = (x, torch.randn(x.shape[0], WIDTH))
     return module(*args, mask) if mask is not None else module(*args)
 
 
@@ -85,6 +92,27 @@ def test_blocks_build_on_blocks_instead_of_copying_them() -> None:
     assert blocks.requires("grouped_query_attention") == ("multi_head_attention",)
     assert blocks.requires("transformer_decoder_layer") == ("transformer_encoder_layer",)
     assert issubclass(load("grouped_query_attention"), load("multi_head_attention"))
+    assert blocks.requires("unet") == (
+        "spatial_self_attention",
+        "timestep_embedding",
+        "unet_residual_block",
+    )
+
+
+def test_the_unet_predicts_an_image_shaped_output_that_depends_on_t_and_the_class() -> None:
+    torch.manual_seed(0)
+    unet = load("unet")(1, 8, "1,2", 1, 8, "4", 0.0, 3, 1, 4).eval()
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([3, 3])
+    out = unet(x, t, torch.tensor([0, 1]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, unet(x, torch.tensor([500, 500]), torch.tensor([0, 1])))
+    assert not torch.allclose(out, unet(x, t, torch.tensor([2, 2])))
+    # No label is the "no class" id, num_classes, of classifier-free guidance.
+    torch.testing.assert_close(unet(x, t), unet(x, t, torch.tensor([3, 3])))
+    # The paper's CIFAR-10 U-Net (35.7M parameters, Ho et al., 2020, App. B).
+    paper = load("unet")(3, 128, "1,2,2,2", 2, 32, "16", 0.1)
+    assert round(sum(p.numel() for p in paper.parameters()) / 1e6, 1) == 35.7
 
 
 @pytest.mark.parametrize("kind", blocks.kinds())
