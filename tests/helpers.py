@@ -23,6 +23,23 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
 
 def smoke_train(repo: Path, package: str, config: str = "configs/smoke.yaml") -> list[float]:
     """Run ``config`` (the smoke config); return the per-epoch training losses it printed."""
+    output = _smoke_output(repo, package, config)
+    losses = [float(x) for x in re.findall(r"train[_ ]loss[=: ]+([0-9.]+)", output)]
+    assert len(losses) >= 2, output
+    return losses
+
+
+def smoke_returns(repo: Path, package: str, config: str = "configs/smoke.yaml") -> list[float]:
+    """Run ``config`` of a reinforcement-learning repository; return the training return of
+    each iteration in which an episode ended, then the evaluation's mean return."""
+    output = _smoke_output(repo, package, config)
+    returns = [float(x) for x in re.findall(r"return (-?[0-9.]+) \(", output)]
+    evaluation = re.findall(r"episodic_return (-?[0-9.]+)", output)
+    assert len(returns) >= 2 and len(evaluation) == 1, output
+    return [*returns, float(evaluation[0])]
+
+
+def _smoke_output(repo: Path, package: str, config: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", f"{package}.train", "--config", config],
         cwd=repo,
@@ -35,9 +52,7 @@ def smoke_train(repo: Path, package: str, config: str = "configs/smoke.yaml") ->
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "nan" not in output.lower()
-    losses = [float(x) for x in re.findall(r"train[_ ]loss[=: ]+([0-9.]+)", output)]
-    assert len(losses) >= 2, output
-    return losses
+    return output
 
 
 # -- a minimal PDF writer: enough for pypdf, so the tests need no PDF library --------------

@@ -148,6 +148,29 @@ def test_p2r002_flags_host_copies_inside_the_step(tmp_path: Path) -> None:
     assert lines_of(findings, "P2R002") == [8, 9, 13]
 
 
+def test_p2r002_covers_the_reinforcement_learning_steps(tmp_path: Path) -> None:
+    """A rollout step (sampling actions) and an update step (one PPO minibatch) are steps too:
+    a read of the loss or the values there syncs the device like one in a training step."""
+    findings = lint(
+        tmp_path,
+        """
+        def rollout_step(policy, obs):
+            action, log_prob, value = policy.act(obs)
+            return action, value.item()           # 3
+
+        def update_step(policy, minibatch, optimizer):
+            loss = policy.loss(minibatch)
+            loss.backward()
+            optimizer.step()
+            return loss.detach().cpu()            # 9
+
+        def collect(policy, obs):
+            return policy.act(obs)[0].cpu()       # not a step: the rollout's host copy
+        """,
+    )
+    assert lines_of(findings, "P2R002") == [3, 9]
+
+
 def test_p2r002_accepts_step_closures_and_reads_outside_the_step(tmp_path: Path) -> None:
     findings = lint(
         tmp_path,

@@ -121,7 +121,17 @@ def _passages(abstract: str, method: str = "") -> list[Passage]:
 def test_every_problem_kind_but_supervised_learning_has_keywords() -> None:
     assert {*SCORED_KINDS, SUPERVISED} == set(catalog.PROBLEM_KINDS)
     assert catalog.PROBLEM_KINDS[SUPERVISED].supported
+    # the others are trained only through a procedure of their own, where there is one
     assert not any(catalog.PROBLEM_KINDS[k].supported for k in SCORED_KINDS)
+    kinds = catalog.PROBLEM_KINDS
+    owned = {k: kinds[k].tasks for k in SCORED_KINDS if kinds[k].tasks}
+    assert owned == {
+        "generative_modeling": ("image_generation",),
+        "reinforcement_learning": ("reinforcement_learning",),
+    }
+    assert catalog.trains("reinforcement_learning", "reinforcement_learning")
+    assert not catalog.trains(SUPERVISED, "reinforcement_learning")
+    assert not catalog.trains("reinforcement_learning", "image_classification")
 
 
 @pytest.mark.parametrize(
@@ -203,21 +213,24 @@ def _extract(name: str) -> Spec:
     return extract(load_document(FIXTURES / name)).spec
 
 
-def test_rl_paper_is_a_scaffold_with_its_method_as_custom() -> None:
+def test_rl_paper_trains_with_ppo_and_its_method_as_custom() -> None:
+    """An RL paper maps to the PPO procedure; its own method (LC) is a custom component, its
+    algorithm and its environments are deviations. PPO, named only as the baseline it beats in
+    the abstract, is not the paper's algorithm."""
     spec = _extract("rl-paper.md")
-    assert spec.method.problem == "reinforcement_learning"
-    assert spec.coverage.verdict == "scaffold"
+    assert spec.method.problem == spec.task.type == "reinforcement_learning"
+    assert spec.coverage.verdict == "partial"
     custom = [c for c in spec.model.components if c.kind == "custom"]
     assert [c.name for c in custom] == ["lc_module"]
     assert [e.id for e in custom[0].equations] == ["1", "2"]
-    assert custom[0].inputs and custom[0].outputs
+    assert custom[0].fallback == "mlp"
     kinds = {d.kind for d in spec.deviations}
-    assert {"method", "task", "architecture"} <= kinds
+    assert {"method", "architecture", "data"} <= kinds
     method = next(d for d in spec.deviations if d.kind == "method")
-    assert "stand-in" in method.we_do
-    missing = {p.name: p for p in spec.coverage.missing}
-    assert "The paper's reinforcement learning procedure" in missing
-    assert "environments" in missing["The paper's reinforcement learning procedure"].why
+    assert "PPO" in method.we_do
+    assert "The paper's RL algorithm" in {p.name for p in spec.coverage.missing}
+    assert not any(p.name.startswith("PPO") for p in spec.coverage.parts)
+    assert spec.hp("gamma").value == 0.99 and not spec.hp("gamma").assumed
 
 
 def test_generative_paper_is_never_a_classifier_in_disguise() -> None:
@@ -262,8 +275,8 @@ def test_extraction_log_keeps_the_evidence() -> None:
 def test_extract_prints_the_verdict_and_what_is_missing(tmp_path: Path) -> None:
     res = run_cli("extract", str(FIXTURES / "rl-paper.md"), "-o", str(tmp_path / "s.yaml"))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "coverage: scaffold (reinforcement learning)" in " ".join(res.stdout.split())
-    assert "not implemented: LC" in res.stdout
+    assert "coverage: partial (reinforcement learning)" in " ".join(res.stdout.split())
+    assert "not implemented: The paper's RL algorithm; LC" in " ".join(res.stdout.split())
 
 
 def test_new_json_puts_coverage_first(tmp_path: Path) -> None:
@@ -276,7 +289,7 @@ def test_new_json_puts_coverage_first(tmp_path: Path) -> None:
     summary = json.loads(res.stdout)
     assert next(iter(k for k in summary if k not in ("path", "paper"))) == "coverage"
     cov = summary["coverage"]
-    assert cov["verdict"] == "scaffold"
+    assert cov["verdict"] == "partial"
     assert cov["problem"] == "reinforcement_learning"
     assert {p["status"] for p in cov["not_implemented"]} == {"fallback", "not_implemented"}
     assert any(d["kind"] == "method" for d in cov["deviations"])
@@ -286,8 +299,8 @@ def test_new_prints_coverage_first_and_commands_as_plain_text(tmp_path: Path) ->
     res = run_cli("new", str(FIXTURES / "rl-paper.md"), "-o", str(tmp_path / "r"), "--no-verify")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [line for line in res.stdout.splitlines() if line.strip()]
-    assert lines[0].startswith("coverage: scaffold")
-    assert any("✗ The paper's reinforcement learning procedure" in line for line in lines)
+    assert lines[0].startswith("coverage: partial")
+    assert any("✗ The paper's RL algorithm" in line for line in lines)
     assert "pip install -e '.[dev]'" in res.stdout  # rich markup would have eaten "[dev]"
-    assert "training (configs/smoke.yaml): 2 epochs, final loss" in res.stdout
+    assert "training (configs/smoke.yaml): 16 iterations, 8192 environment steps" in res.stdout
     assert (tmp_path / "r" / "ml_res.md").is_file()

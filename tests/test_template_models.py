@@ -179,7 +179,9 @@ def _model_side(rendered: Rendered) -> list[Path]:
     """The files the model side of the template generates."""
     repo = rendered.repo
     models = sorted((repo / "src" / rendered.spec.project.package / "models").rglob("*.py"))
-    return [*models, repo / "tests" / "test_model.py"] + [
+    # a policy's model tests are in test_ppo.py (its heads, its loss reaching every weight)
+    model_tests = "test_ppo.py" if rendered.spec.environment else "test_model.py"
+    return [*models, repo / "tests" / model_tests] + [
         repo / "tests" / f"test_{c.name}.py" for c in View(rendered.spec).tested_components
     ]
 

@@ -25,6 +25,7 @@ class DataInfo:
     pad_id: int = 0
     bos_id: int = 0
     eos_id: int = 0
+    num_actions: int = 0  # an environment's discrete actions, or its action dimensions
 
 
 class Splits(NamedTuple):

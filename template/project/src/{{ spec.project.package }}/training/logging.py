@@ -79,6 +79,10 @@ def scalars(event: str, fields: dict[str, Any]) -> dict[str, float]:
     if event == "epoch":
         val = {f"val/{name}": value for name, value in fields["val"].items()}
         return {"epoch/train_loss": fields["train_loss"], "epoch/lr": fields["lr"], **val}
+    if event in ("iteration", "evaluation"):  # reinforcement learning (training/ppo.py)
+        return {
+            f"{event}/{k}": float(v) for k, v in fields.items() if k != "step" and v is not None
+        }
     return {}
 
 
