@@ -159,6 +159,18 @@ def found_verdict(result: Any) -> str | None:
     return _text(getattr(cov, "verdict", None))
 
 
+def found_pretrained(result: Any) -> str | None:
+    """The Hub id of the spec's ``pretrained`` component, if it has one."""
+    spec = getattr(result, "spec", None)
+    comps = getattr(getattr(spec, "model", None), "components", None) or []
+    comp = next((c for c in comps if getattr(c, "kind", None) == "pretrained"), None)
+    if comp is None:
+        return None
+    ref = comp.params.get("model_id")
+    hp = next((h for h in spec.hyperparameters if h.name == ref), None)
+    return _text(hp.value if hp is not None else ref)
+
+
 def is_honest(verdict: str | None, coverage_max: str | None) -> bool:
     """A verdict is honest when it is known and not stronger than ``coverage_max``."""
     if verdict not in VERDICT_RANK or coverage_max not in VERDICT_RANK:
@@ -238,6 +250,20 @@ def score_input(
         f"   coverage: found {verdict or '-'}, at most {cov_max}"
         f"  {'honest' if honest else 'NOT HONEST' if verdict else 'MISSING'}"
     )
+    want_model = list(data.get("pretrained") or [])
+    got_model = found_pretrained(result)
+    if want_model or got_model:
+        ok = got_model in [m.lower() for m in want_model]  # Hub ids ignore case
+        print(
+            f"   pretrained model: found {got_model or '-'},"
+            f" expected {' or '.join(want_model) or '-'}"
+            f"  {'right' if ok else 'WRONG' if got_model else 'MISSING'}"
+        )
+    row.update(
+        pretrained_expected=want_model,
+        pretrained_found=got_model,
+        pretrained_ok=bool(want_model) and got_model in [m.lower() for m in want_model],
+    )
     parts = data.get("method_parts") or []
     if verbose and parts:
         shown = ", ".join(f"{p['name']} ({'lib' if p.get('library') else 'no lib'})" for p in parts)
@@ -290,7 +316,10 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ds_right = sum(r["datasets_right"] for r in scored)
     ds_expected = sum(r["datasets_expected"] for r in scored)
     n = len(scored)
+    models = [r for r in scored if r.get("pretrained_expected") or r.get("pretrained_found")]
     return {
+        "pretrained_models": len(models),
+        "pretrained_right": sum(1 for r in models if r.get("pretrained_ok")),
         "papers": n,
         "extract_failed": sum(1 for r in scored if r.get("status") != "ok"),
         "right": right,
@@ -321,6 +350,11 @@ def _print_totals(title: str, t: dict[str, Any]) -> None:
         f" problem kinds right {_pct(t['problem_kinds'])}"
         f" ({t['problems_right']}/{t['papers']})  (targets 100%)"
     )
+    if t.get("pretrained_models"):
+        print(
+            f"     pretrained models right {t['pretrained_right']}/{t['pretrained_models']}"
+            " (papers expecting or given one)"
+        )
     if t["datasets_expected"]:
         print(
             f"     datasets: {t['datasets_right']}/{t['datasets_expected']} found"

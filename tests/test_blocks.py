@@ -45,11 +45,15 @@ def build(kind: str) -> Any:
 
 def sample(kind: str) -> Any:
     """A small batch of the block's input port."""
+    image_size = catalog.BLOCKS[kind].param("image_size")
+    size = int(image_size.default) if image_size else 8  # a U-Net halves it at each level
     return {
         "tokens": lambda: torch.randint(WIDTH, (2, LENGTH)),
         "sequence": lambda: torch.randn(2, LENGTH, WIDTH),
         "features": lambda: torch.randn(4, WIDTH),
-        "image": lambda: torch.randn(2, WIDTH, 8, 8),
+        "image": lambda: torch.randn(2, WIDTH, size, size),
+        "timestep": lambda: torch.randint(0, 1000, (2,)),
+        "logits": lambda: torch.randn(2, LENGTH, WIDTH),
     }[catalog.accepted_ports(kind)[0]]()
 
 
@@ -57,6 +61,10 @@ def call(module: Any, x: Any, mask: Any = None) -> Any:
     """``module`` on ``x``: attention takes query, key and value (and a mask when given)."""
     names = list(inspect.signature(module.forward).parameters)
     args = (x, x, x) if names[0] == "query" else (x,)
+    if names[1:2] == ["timestep"]:  # a denoiser: a diffusion step per example
+        args = (x, torch.randint(0, 1000, (x.shape[0],)))
+    elif names[1:2] == ["emb"]:  # a block conditioned on an embedding of width WIDTH
+        args = (x, torch.randn(x.shape[0], WIDTH))
     return module(*args, mask) if mask is not None else module(*args)
 
 
@@ -67,7 +75,7 @@ def test_every_kind_is_a_module_with_one_class() -> None:
 
 
 @pytest.mark.parametrize("kind", blocks.kinds())
-def test_a_block_imports_only_torch_the_standard_library_and_blocks(kind: str) -> None:
+def test_a_block_imports_only_torch_the_standard_library_its_extras_and_blocks(kind: str) -> None:
     tree = ast.parse(blocks.source(kind))
     tops = {
         (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
@@ -75,7 +83,8 @@ def test_a_block_imports_only_torch_the_standard_library_and_blocks(kind: str) -
         if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0)
         for alias in node.names
     }
-    assert tops <= {"torch"} | sys.stdlib_module_names, tops
+    extras = set(blocks.metadata(kind).extras)
+    assert tops <= {"torch"} | sys.stdlib_module_names | extras, tops
     assert set(blocks.requires(kind)) <= set(blocks.kinds())
 
 
@@ -83,6 +92,27 @@ def test_blocks_build_on_blocks_instead_of_copying_them() -> None:
     assert blocks.requires("grouped_query_attention") == ("multi_head_attention",)
     assert blocks.requires("transformer_decoder_layer") == ("transformer_encoder_layer",)
     assert issubclass(load("grouped_query_attention"), load("multi_head_attention"))
+    assert blocks.requires("unet") == (
+        "spatial_self_attention",
+        "timestep_embedding",
+        "unet_residual_block",
+    )
+
+
+def test_the_unet_predicts_an_image_shaped_output_that_depends_on_t_and_the_class() -> None:
+    torch.manual_seed(0)
+    unet = load("unet")(1, 8, "1,2", 1, 8, "4", 0.0, 3, 1, 4).eval()
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([3, 3])
+    out = unet(x, t, torch.tensor([0, 1]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, unet(x, torch.tensor([500, 500]), torch.tensor([0, 1])))
+    assert not torch.allclose(out, unet(x, t, torch.tensor([2, 2])))
+    # No label is the "no class" id, num_classes, of classifier-free guidance.
+    torch.testing.assert_close(unet(x, t), unet(x, t, torch.tensor([3, 3])))
+    # The paper's CIFAR-10 U-Net (35.7M parameters, Ho et al., 2020, App. B).
+    paper = load("unet")(3, 128, "1,2,2,2", 2, 32, "16", 0.1)
+    assert round(sum(p.numel() for p in paper.parameters()) / 1e6, 1) == 35.7
 
 
 @pytest.mark.parametrize("kind", blocks.kinds())
@@ -113,6 +143,8 @@ def test_forward_is_finite_and_every_weight_learns(kind: str) -> None:
     assert torch.isfinite(out).all()
     (out * torch.randn_like(out)).sum().backward()
     for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:  # frozen by design (pretrained weights under LoRA)
+            continue
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     if x.is_floating_point():
         assert x.grad is not None and torch.isfinite(x.grad).all()

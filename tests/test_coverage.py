@@ -221,12 +221,16 @@ def test_rl_paper_is_a_scaffold_with_its_method_as_custom() -> None:
 
 
 def test_generative_paper_is_never_a_classifier_in_disguise() -> None:
+    """A diffusion paper with a procedure of its own: the template's Gaussian diffusion trains
+    with a U-Net, and the paper's own equation is a part not implemented (partial)."""
     spec = _extract("generative-paper.md")
     assert spec.method.problem == "generative_modeling"
-    assert spec.coverage.verdict == "scaffold"
-    task = next(d for d in spec.deviations if d.kind == "task")
-    assert task.paper_says == "generative modeling problem"
-    assert spec.task.type in task.we_do
+    assert (spec.task.type, spec.model.family) == ("image_generation", "unet")
+    assert spec.coverage.verdict == "partial"
+    missing = [p for p in spec.coverage.parts if p.status == "not_implemented"]
+    assert missing and "(Eq. (1))" in missing[0].name
+    method = next(d for d in spec.deviations if d.kind == "method")
+    assert "Gaussian diffusion" in method.we_do
 
 
 def test_supervised_paper_with_a_novel_equation_is_not_full() -> None:

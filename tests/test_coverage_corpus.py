@@ -48,10 +48,19 @@ def test_new_on_a_paper_the_library_cannot_implement(
     spec = result.spec
 
     assert spec.method.problem == problem
-    assert spec.coverage.verdict in ("scaffold", "partial")
-    custom = [c for c in spec.model.components if c.kind == "custom"]
-    assert custom and all(c.fallback for c in custom)
-    assert {"method", "task"} <= {d.kind for d in spec.deviations}
+    if problem == "generative_modeling":
+        # The template trains a Gaussian diffusion model of images with the paper's U-Net
+        # settings; the paper's own procedure (interpolants) is a part not implemented.
+        assert spec.coverage.verdict == "partial"
+        assert (spec.task.type, spec.model.family) == ("image_generation", "unet")
+        assert any(p.status == "implemented" for p in spec.coverage.parts)
+        assert any(p.status == "not_implemented" for p in spec.coverage.parts)
+        assert "method" in {d.kind for d in spec.deviations}
+    else:
+        assert spec.coverage.verdict in ("scaffold", "partial")
+        custom = [c for c in spec.model.components if c.kind == "custom"]
+        assert custom and all(c.fallback for c in custom)
+        assert {"method", "task"} <= {d.kind for d in spec.deviations}
     assert result.verified, result.test_summary
 
     first = _first_paragraph((result.path / "README.md").read_text())

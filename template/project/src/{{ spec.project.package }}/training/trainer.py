@@ -38,6 +38,7 @@ from .backends import Backend, Batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricsFile, MetricsLog, TensorBoardLog, WandbLog, get_logger
 from .losses import build_loss, rank_weight
+from .objective import build_objective
 from .optim import build_optimizer, build_scheduler, scheduled_lr
 
 
@@ -81,6 +82,7 @@ class Trainer:
         self.step_model = backend.prepare(model)  # what the step calls (DDP, compiled)
         self.train_loader, self.val_loader, self.info = train_loader, val_loader, info
         self.loss_fn = build_loss(self.tc, info)
+        self.objective = build_objective(cfg, info, self.model)  # batch -> inputs, target
         lr_device = backend.device if backend.tensor_lr else None
         self.optimizer = build_optimizer(model.parameters(), self.tc, lr_device=lr_device)
         self.accum = self.tc.grad_accum_steps
@@ -164,7 +166,7 @@ class Trainer:
             boundary = (i + 1) % self.accum == 0
             # Under DDP, gradients are averaged across ranks only at the window's end.
             with self.backend.no_sync(self.step_model, sync=boundary):
-                loss = self.train_step(batch)
+                loss = self.train_step(self.objective.prepare(batch))
             loss_sum = loss_sum + loss.float()
             count += 1
             if boundary:
@@ -192,6 +194,7 @@ class Trainer:
         lr = scheduled_lr(self.scheduler)
         self.backend.optimizer_step(self.optimizer, self.model.parameters(), self.tc.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_update(self.model)
         self.scheduler.step()
         self.step += 1
         return lr
@@ -208,7 +211,10 @@ class Trainer:
         self._write("step", step=step, epoch=self.epoch, loss=value, lr=lr)
 
     def _finish_epoch(self, loss_sum: Tensor, count: int, lr: float, start: float) -> EpochResult:
-        val = evaluate(self.model, self.val_loader, self.loss_fn, self.backend, self.info)
+        model = self.objective.eval_model(self.model)
+        val = evaluate(
+            model, self.val_loader, self.loss_fn, self.backend, self.info, self.objective
+        )
         if self.backend.graphs_only:
             # neuron_parallel_compile: the values are placeholders; the graphs are what counts.
             self.log.info("epoch %d: graphs extracted", self.epoch)
