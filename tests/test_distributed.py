@@ -39,6 +39,10 @@ SPEC = ROOT / "examples" / "specs" / "dropout_mlp_mnist.yaml"
 #: different numbers of them; the trainer weighs each rank's loss by its share of the global
 #: token count (``losses.rank_weight``), so two processes still match one with the global batch.
 TRANSFORMER = ROOT / "examples" / "specs" / "transformer.yaml"
+#: A masked language model: its loss counts the masked positions only, whose number differs
+#: between ranks; the loaders mask each example by (seed, example, reading), so the one-process
+#: replay sees the masks the two processes saw.
+BERT = ROOT / "examples" / "specs" / "bert_mlm.yaml"
 #: The Transformer's paper optimizer is Adam, whose first updates are about ``lr * sign(g)``:
 #: float32 noise in a gradient near 0 would move a weight by a whole step. The comparison is of
 #: the gradients, so it trains with plain SGD, whose update is proportional to them.
@@ -282,7 +286,13 @@ def test_two_processes_split_the_data(family: str, request: pytest.FixtureReques
     assert max(max(r["indices"]) for r in ranks) < ranks[0]["dataset_len"]
 
 
-@pytest.mark.parametrize("family", ["mlp", "transformer"])
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two processes and their one-process replay on the masked language model."""
+    return train_runs(BERT, tmp_path_factory.mktemp("bert"), replay=True, training=PLAIN_SGD)
+
+
+@pytest.mark.parametrize("family", ["mlp", "transformer", "bert"])
 def test_replicas_keep_identical_weights(family: str, request: pytest.FixtureRequest) -> None:
     ranks = request.getfixturevalue(family)["ranks"]
     rank0, rank1 = (r["weights"] for r in ranks)
@@ -292,13 +302,13 @@ def test_replicas_keep_identical_weights(family: str, request: pytest.FixtureReq
         assert torch.equal(rank0["initial"][name], rank1["initial"][name]), name
 
 
-@pytest.mark.parametrize("family", ["mlp", "transformer"])
+@pytest.mark.parametrize("family", ["mlp", "transformer", "bert"])
 def test_two_processes_match_one_process_with_the_global_batch(
     family: str, request: pytest.FixtureRequest
 ) -> None:
     runs = request.getfixturevalue(family)
     ranks, one = runs["ranks"], runs["one"]
-    if family == "transformer":  # the ranks' token counts differ: a mean per rank would not match
+    if family != "mlp":  # the ranks' token counts differ: a mean per rank would not match
         assert ranks[0]["tokens"] != ranks[1]["tokens"], "equal token counts: the test is vacuous"
     assert one["optimizer_steps"] == len(one["steps"]) == STEPS
     # The reference saw, at every step, exactly the union of the two processes' batches.

@@ -25,6 +25,7 @@ class DataInfo:
     pad_id: int = 0
     bos_id: int = 0
     eos_id: int = 0
+    mask_id: int = 0  # [MASK] of a masked language model; ids above it are words
     num_actions: int = 0  # an environment's discrete actions, or its action dimensions
 
 
