@@ -115,6 +115,18 @@ def test_the_unet_predicts_an_image_shaped_output_that_depends_on_t_and_the_clas
     assert round(sum(p.numel() for p in paper.parameters()) / 1e6, 1) == 35.7
 
 
+def test_the_unets_upsampling_is_nearest_neighbour_with_its_gradient() -> None:
+    """A broadcast and a reshape (XLA compiles its backward; torch-xla runs interpolate's
+    backward on the CPU) that equals F.interpolate(scale_factor=2, mode="nearest")."""
+    upsample = sys.modules[load("unet").__module__]._upsample_nearest
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    y = torch.randn(2, 3, 8, 10)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert torch.equal(upsample(x), expected)
+    (grad,) = torch.autograd.grad((upsample(x) * y).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad((expected * y).sum(), x)[0])
+
+
 @pytest.mark.parametrize("kind", blocks.kinds())
 def test_the_declared_metadata_is_what_the_class_does(kind: str) -> None:
     """Params, defaults and slots read from the source match the imported class."""

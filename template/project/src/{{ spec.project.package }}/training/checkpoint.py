@@ -26,11 +26,13 @@ def save_checkpoint(
     step: int,
     epoch: int,
     config: Config,
+    objective: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint; call on every rank (the backend decides who writes).
 
     The file is written beside ``path`` and renamed into place, so an interrupted run never
-    leaves a truncated checkpoint where the last good one was.
+    leaves a truncated checkpoint where the last good one was. ``objective`` is what the
+    training objective keeps besides the model (a diffusion model's moving average).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -42,6 +44,7 @@ def save_checkpoint(
         "step": step,
         "epoch": epoch,
         "config": dataclasses.asdict(config),
+        "objective": objective or {},
     }
     backend.save(state, tmp)
     if backend.is_master:
@@ -54,8 +57,10 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: Optimizer | None = None,
     scheduler: LRScheduler | None = None,
+    objective: Any = None,
 ) -> dict[str, Any]:
-    """Restore what the checkpoint holds into ``model`` (and the optimizer and schedule).
+    """Restore what the checkpoint holds into ``model`` (and the optimizer, the schedule and
+    the training objective's own state, e.g. a moving average of the weights).
 
     Load before :meth:`Backend.prepare` or after it alike: tensors are read onto the CPU and
     copied into the parameters wherever they live. Returns the whole checkpoint dict.
@@ -66,4 +71,6 @@ def load_checkpoint(
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if objective is not None:
+        objective.load_state_dict(state.get("objective", {}))
     return state

@@ -260,9 +260,13 @@ class Trainer:
             step=self.step,
             epoch=self.epoch,
             config=self.cfg,
+            objective=self.objective.state_dict(),
         )
 
     def resume(self, path: str | Path) -> None:
-        """Continue a run from a checkpoint: weights, optimizer, schedule and progress."""
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        """Continue a run from a checkpoint: weights, optimizer, schedule, the objective's state
+        (a moving average of the weights) and progress."""
+        state = load_checkpoint(
+            path, self.model, self.optimizer, self.scheduler, objective=self.objective
+        )
         self.step, self.epoch = state["step"], state["epoch"]
