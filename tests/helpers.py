@@ -29,6 +29,15 @@ def smoke_train(repo: Path, package: str, config: str = "configs/smoke.yaml") ->
     return losses
 
 
+def smoke_evaluation(repo: Path, package: str, config: str = "configs/smoke.yaml") -> float:
+    """Run ``config`` of an inference-time method (no training step); return the evaluation
+    loss it printed."""
+    output = _smoke_output(repo, package, config)
+    assert "no training: inference-time method" in output and "train loss" not in output, output
+    (loss,) = re.findall(r"evaluation +loss ([0-9.]+)", output)
+    return float(loss)
+
+
 def smoke_returns(repo: Path, package: str, config: str = "configs/smoke.yaml") -> list[float]:
     """Run ``config`` of a reinforcement-learning repository; return the training return of
     each iteration in which an episode ended, then the evaluation's mean return."""

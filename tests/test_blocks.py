@@ -65,6 +65,8 @@ def call(module: Any, x: Any, mask: Any = None) -> Any:
         args = (x, torch.randint(0, 1000, (x.shape[0],)))
     elif names[1:2] == ["emb"]:  # a block conditioned on an embedding of width WIDTH
         args = (x, torch.randn(x.shape[0], WIDTH))
+    elif names[1:2] == ["uncond_logits"]:  # a rule on two passes of a model
+        args = (x, torch.randn_like(x))
     return module(*args, mask) if mask is not None else module(*args)
 
 
@@ -190,3 +192,15 @@ def test_an_undeclared_slot_is_an_error(tmp_path: Any, monkeypatch: pytest.Monke
     finally:
         blocks.metadata.cache_clear()
         blocks._class.cache_clear()
+
+
+def test_the_guided_rule_is_the_plain_rule_on_the_conditional_logits() -> None:
+    rule = load("guided_logits_rule")(prompt_len=3, temperature=2.0)
+    cond, uncond = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    out = rule(cond, uncond)
+    torch.testing.assert_close(out, torch.log_softmax(cond / 2.0, dim=-1))
+    torch.testing.assert_close(out, rule(cond, torch.randn(2, 5, 7)))  # gamma = 1: uncond unused
+    with pytest.raises(ValueError, match="prompt_len"):
+        load("guided_logits_rule")(prompt_len=0)
+    with pytest.raises(ValueError, match="shape"):
+        rule(cond, uncond[:, :4])

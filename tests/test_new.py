@@ -136,6 +136,24 @@ def test_demo_paper_new_and_train(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_an_inference_time_paper_evaluates_without_training(tmp_path: Path) -> None:
+    """An inference-time method on a pretrained model (a paper of ours on GPT-2): the train
+    step evaluates the model as loaded, with no optimizer step, and the report says so."""
+    paper = ROOT / "tests" / "fixtures" / "pretrained" / "prompt-contrastive-decoding-paper.md"
+    result = NewRun(str(paper), tmp_path / "decode", verify=False).run()
+    assert result.spec.method.problem == "inference_time_method"
+    assert result.spec.coverage.verdict == "partial"
+    assert result.training is not None
+    metrics = result.training["metrics"]
+    assert metrics["epochs"] == metrics["steps"] == 0 and metrics["final_train_loss"] is None
+    assert math.isfinite(metrics["val"]["loss"])
+    events = [json.loads(line) for line in Path(result.training["log"]).read_text().splitlines()]
+    assert not [e for e in events if e["event"] in ("step", "epoch")]
+    report = (result.path / "ml_res.md").read_text()
+    assert "No training: inference-time method" in report
+    assert not (result.path / "checkpoints" / "smoke" / "last.pt").exists()
+
+
 def test_generation_demo_paper_is_a_full_diffusion_repo(tmp_path: Path) -> None:
     """The bundled generation demo: a class-conditional DDPM on MNIST, every value read from
     the paper (written down before the rules were tuned), verdict full, a smoke run that

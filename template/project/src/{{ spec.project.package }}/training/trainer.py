@@ -130,6 +130,24 @@ class Trainer:
                 log.close()
                 self.logs.remove(log)
 
+    def evaluate_only(self) -> list[EpochResult]:
+        """Evaluate the model as loaded, with no optimizer step: the procedure of a paper whose
+        method acts at inference time (a decoding rule on a pretrained model). The evaluation
+        is :meth:`fit`'s own; the one result has step 0 and no training loss."""
+        self._write("start", config=dataclasses.asdict(self.cfg), backend=self.backend.describe())
+        self.log.info("no training: inference-time method; evaluating on %s", self.backend.describe())
+        start = time.perf_counter()
+        model = self.objective.eval_model(self.model)
+        val = evaluate(
+            model, self.val_loader, self.loss_fn, self.backend, self.info, self.objective
+        )
+        result = EpochResult(0, 0, math.nan, val, 0.0, time.perf_counter() - start)
+        self.log.info("evaluation  %s", "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        self._write("evaluation", step=0, **val)
+        self._write("end", step=0)
+        self.backend.barrier()  # every rank is done before any closes the process group
+        return [result]
+
     def _fit(self) -> list[EpochResult]:
         self._write("start", config=dataclasses.asdict(self.cfg), backend=self.backend.describe())
         self.log.info(
