@@ -135,7 +135,9 @@ class Trainer:
         method acts at inference time (a decoding rule on a pretrained model). The evaluation
         is :meth:`fit`'s own; the one result has step 0 and no training loss."""
         self._write("start", config=dataclasses.asdict(self.cfg), backend=self.backend.describe())
-        self.log.info("no training: inference-time method; evaluating on %s", self.backend.describe())
+        self.log.info(
+            "no training: inference-time method; evaluating on %s", self.backend.describe()
+        )
         start = time.perf_counter()
         model = self.objective.eval_model(self.model)
         val = evaluate(
