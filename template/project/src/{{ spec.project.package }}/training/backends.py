@@ -23,11 +23,10 @@ Several processes are started by ``torchrun``, which sets ``RANK``, ``LOCAL_RANK
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
-import pickle
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +45,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 GRAPHS_ONLY_ENV = "NEURON_EXTRACT_GRAPHS_ONLY"
 
 Batch = tuple[torch.Tensor, ...]
-
-#: The tensors of the latest gloo collectives, referenced from Python until the process exits.
-#: A gloo worker thread drops the last work it ran only when the process group is destroyed,
-#: which happens while the main thread holds the GIL (freeing the DDP model); if that work held
-#: the last reference to a tensor Python made, dropping it needs the GIL too, and the run hangs
-#: at exit (pytorch/pytorch#56297). Holding them here makes that release need no GIL.
-_GLOO_TENSORS: collections.deque[torch.Tensor] = collections.deque(maxlen=1024)
 
 
 @dataclass(frozen=True)
@@ -237,39 +229,24 @@ class Backend:
         """``tensor`` summed over every rank, on the device (``tensor`` itself in one process)."""
         if self.distributed:
             dist.all_reduce(tensor)
-            self._hold(tensor)
         return tensor
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (picklable host values only)."""
         if not self.distributed:
             return [obj]
-        if self.process_group != "gloo":
-            out: list[Any] = [None] * self.process.world_size
-            dist.all_gather_object(out, obj)
-            return out
-        # all_gather_object's own tensors cannot be held (see _GLOO_TENSORS): the same
-        # exchange with tensors made here, the sizes first, then the padded pickles.
-        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        size = torch.tensor([data.numel()])
-        sizes = [torch.zeros_like(size) for _ in range(self.process.world_size)]
-        dist.all_gather(sizes, size)
-        padded = torch.zeros(int(max(sizes)), dtype=torch.uint8)
-        padded[: data.numel()] = data
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        self._hold(size, *sizes, padded, *parts)
-        return [
-            pickle.loads(part[: int(n)].numpy().tobytes())
-            for part, n in zip(parts, sizes, strict=True)
-        ]
-
-    def _hold(self, *tensors: torch.Tensor) -> None:
-        if self.process_group == "gloo":
-            _GLOO_TENSORS.extend(tensors)
+        out: list[Any] = [None] * self.process.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         if dist.is_available() and dist.is_initialized():
+            # Freeing the process group (with the DDP model, later) joins gloo's worker threads
+            # with the GIL held, and a worker still dropping its last finished collective needs
+            # the GIL to free the tensors Python made: a hang at exit (pytorch/pytorch#56297).
+            # After the last collective, a pause that releases the GIL lets the workers finish.
+            self.barrier()
+            time.sleep(0.1)
             dist.destroy_process_group()
 
     def describe(self) -> str:
