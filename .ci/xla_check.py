@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -253,6 +254,27 @@ def step_records(metrics_file: Path) -> int:
     return sum(1 for r in records[starts[-1] if starts else 0 :] if r.get("event") == "step")
 
 
+def non_finite_values(metrics_file: Path) -> list[str]:
+    """The numbers of the last run's ``epoch`` records that are NaN or infinite, named
+    ``epoch E: name`` (validation metrics as ``val.name``)."""
+    if not metrics_file.is_file():
+        return []
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    bad = []
+    for r in records[starts[-1] if starts else 0 :]:
+        if r.get("event") != "epoch":
+            continue
+        values = {k: v for k, v in r.items() if k not in ("event", "val")}
+        values |= {f"val.{k}": v for k, v in (r.get("val") or {}).items()}
+        bad += [
+            f"epoch {r.get('epoch')}: {k}"
+            for k, v in values.items()
+            if isinstance(v, float) and not math.isfinite(v)
+        ]
+    return bad
+
+
 def logs_between(before: int, after: int, log_every: int) -> int:
     """Updates ``u`` in ``(before, after]`` that log (``u % log_every == 0``)."""
     return after // log_every - before // log_every
@@ -319,9 +341,11 @@ def check(probe: Probe, *, log_every: int, max_train: int, max_eval: int) -> tup
     return failures, expected_records
 
 
-def lr_decay_compiles(package: str, repo: Path, config: str, steps: int) -> int:
+def lr_decay_compiles(package: str, repo: Path, config: str, steps: int) -> tuple[int, bool]:
     """Graphs compiled by ``steps`` AdamW updates of a small model whose learning rate decays
-    linearly to 0, with the repository's optimizer and schedule, the trainer's way on XLA."""
+    linearly to 0, with the repository's optimizer and schedule, the trainer's way on XLA; and
+    whether every weight is still finite after the last update (at rate 0), an embedding row
+    that no input reads (zero gradients, zero moments) included."""
     import dataclasses
 
     import torch
@@ -341,8 +365,8 @@ def lr_decay_compiles(package: str, repo: Path, config: str, steps: int) -> int:
     )
     device = torch_xla.device()
     torch.manual_seed(0)
-    model = torch.nn.Linear(8, 4).to(device)
-    x = torch.randn(16, 8).to(device)
+    model = torch.nn.Sequential(torch.nn.Embedding(3, 8), torch.nn.Linear(8, 4)).to(device)
+    x = torch.randint(0, 2, (16,)).to(device)  # row 2 of the embedding is never read
     if getattr(backends.XlaBackend, "tensor_lr", False):
         optimizer = optim.build_optimizer(model.parameters(), tc, lr_device=device)
     else:  # a repository rendered before the learning rate could live on the device
@@ -357,7 +381,8 @@ def lr_decay_compiles(package: str, repo: Path, config: str, steps: int) -> int:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         torch_xla.sync()
-    return Probe.snapshot()["compiles"] - before
+    compiles = Probe.snapshot()["compiles"] - before
+    return compiles, all(bool(torch.isfinite(p).all().cpu()) for p in model.parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,13 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"step records in {metrics_file}: {logged} (expected {expected})")
     if logged != expected:
         failures.append(f"{logged} step records in {metrics_file}, expected {expected}")
+    bad = non_finite_values(metrics_file)
+    print(f"non-finite losses or metrics in {metrics_file}: {', '.join(bad) or 'none'}")
+    if bad:
+        failures.append(f"non-finite values in {metrics_file}: {', '.join(bad)}")
     decay_compiles = None
     if args.lr_decay_steps:
-        decay_compiles = lr_decay_compiles(package, repo, args.config, args.lr_decay_steps)
+        decay_compiles, finite = lr_decay_compiles(package, repo, args.config, args.lr_decay_steps)
         print(
             f"AdamW with the learning rate decayed to 0 over {args.lr_decay_steps} updates: "
-            f"{decay_compiles} compile(s) (max 2)"
+            f"{decay_compiles} compile(s) (max 2), weights {'finite' if finite else 'NOT finite'}"
         )
+        if not finite:
+            failures.append("AdamW's update at learning rate 0 left non-finite weights")
         if decay_compiles > 2:
             failures.append(
                 f"AdamW compiled {decay_compiles} graphs as its learning rate decayed (max 2)"

@@ -10,7 +10,8 @@ value with the graph's other zeros) the step graph changes and compiles again. T
 AdamW run ``capturable`` (step count and bias corrections on the device, no host read) with the
 learning rate a ``[1]`` tensor on the device (``lr_device``), which :class:`Schedule` replaces
 after every update with the next rate copied from the host: data, never a graph constant.
-:func:`scheduled_lr` is the rate read on the host, for logs.
+:func:`scheduled_lr` is the rate read on the host, for logs. Capturable Adam divides by the
+rate, so a device rate is never exactly 0 (see :data:`MIN_DEVICE_LR`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import TrainingConfig
+
+#: The least learning rate held on a device. Capturable Adam computes its step from
+#: ``bias_correction / lr``: a rate of exactly 0 (the last update of a decay to 0) gives 0/0 = NaN
+#: in every parameter whose moments are still 0, such as an embedding row never read. A rate of
+#: 1e-30 keeps every term finite in float32 and moves no weight by a representable amount.
+MIN_DEVICE_LR = 1e-30
 
 
 def build_optimizer(
@@ -69,7 +76,8 @@ def _lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
     host (also after a checkpoint is loaded, which brings it back as a float or a CPU tensor).
     Not 0-d: XLA takes a 0-d value copied to the device for a scalar of the graph."""
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor([float(group["lr"])], dtype=torch.float32).to(device)
+        rate = max(float(group["lr"]), MIN_DEVICE_LR)
+        group["lr"] = torch.tensor([rate], dtype=torch.float32).to(device)
 
 
 def lr_factor(cfg: TrainingConfig, step: int, *, total_steps: int, steps_per_epoch: int) -> float:
@@ -121,7 +129,8 @@ class Schedule(LambdaLR):
         ):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
-                group["lr"] = torch.tensor([base_lr * factor(self.last_epoch)]).to(lr.device)
+                rate = max(base_lr * factor(self.last_epoch), MIN_DEVICE_LR)
+                group["lr"] = torch.tensor([rate]).to(lr.device)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
