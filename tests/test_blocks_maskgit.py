@@ -99,7 +99,7 @@ def blocks_module():  # noqa: ANN201 - the block's module, for its functions
 
 def test_training_masks_hide_at_least_one_token_and_only_with_the_mask_id() -> None:
     torch.manual_seed(0)
-    model = load("masked_token_transformer")(10, 16, 8, 1, 2, 16)
+    model = load("masked_token_transformer")(10, 8, 1, 2, 16, 0.0, 16)
     codes = torch.randint(0, 10, (64, 16))
     masked, mask = model.mask_tokens(codes)
     assert (mask.sum(1) >= 1).all()
@@ -110,7 +110,7 @@ def test_training_masks_hide_at_least_one_token_and_only_with_the_mask_id() -> N
 
 def test_decoding_fills_every_position_and_keeps_the_tokens_it_fixed() -> None:
     torch.manual_seed(0)
-    model = load("masked_token_transformer")(6, 9, 8, 1, 2, 16).eval()
+    model = load("masked_token_transformer")(6, 8, 1, 2, 16, 0.0, 9).eval()
     seen: list[torch.Tensor] = []
     original = model.forward
 
@@ -119,7 +119,7 @@ def test_decoding_fills_every_position_and_keeps_the_tokens_it_fixed() -> None:
         return original(tokens)
 
     model.forward = recording  # type: ignore[method-assign]
-    out = model.generate(3, steps=4, generator=torch.Generator().manual_seed(1))
+    out = model.generate(3, 9, steps=4, generator=torch.Generator().manual_seed(1))
     assert out.shape == (3, 9) and ((out >= 0) & (out < 6)).all()  # no [MASK] left
     assert len(seen) == 4 and (seen[0] == 6).all()
     counts = blocks_module().masked_counts(4, 9)
@@ -128,7 +128,7 @@ def test_decoding_fills_every_position_and_keeps_the_tokens_it_fixed() -> None:
     for before, after in zip(seen[1:], [*seen[2:], out], strict=True):
         fixed = before != 6
         assert torch.equal(after[fixed], before[fixed])  # a kept token is never re-masked
-    again = model.generate(3, steps=4, generator=torch.Generator().manual_seed(1))
+    again = model.generate(3, 9, steps=4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again, out)  # a fixed seed, the same samples
 
 
