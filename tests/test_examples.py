@@ -10,6 +10,7 @@ stand-in environment (``environment.smoke_id``) only has to train without NaN.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -63,6 +64,14 @@ def test_example_renders_passes_its_tests_and_trains(spec_path: Path, tmp_path: 
         losses = smoke_train(repo, package)
         assert len(losses) == 2, losses  # configs/smoke.yaml: 2 epochs
         assert losses[-1] < losses[0], losses
+    if (repo / "configs" / "smoke_generator.yaml").is_file():  # a two-stage generator's stage 2
+        losses = smoke_train(repo, package, "configs/smoke_generator.yaml")
+        assert losses[-1] < losses[0], losses
+        epochs = [e for e in map(json.loads, (repo / "runs/smoke_generator/metrics.jsonl").open())]
+        assert math.isfinite(
+            next(e for e in epochs if e["event"] == "epoch")["val"]["fid_random_features"]
+        )
+        assert (repo / "runs/smoke_generator/samples_2.png").read_bytes().startswith(b"\x89PNG")
 
     report = check_repo(repo)
     assert report.errors == 0, "\n".join(str(f) for f in report.findings)
