@@ -42,6 +42,8 @@ def test_the_decoder_is_causal_and_reads_the_source(model_type: str) -> None:
     tgt_in = torch.randint(3, VOCAB, (2, 5))
     logits = module(src, tgt_in)
     assert logits.shape == (2, 5, VOCAB)
+    with pytest.raises(ValueError, match="decoder input"):
+        module(src)
     later = tgt_in.clone()
     later[:, 3:] = PAD  # what greedy decoding leaves unfilled
     torch.testing.assert_close(module(src, later)[:, :3], logits[:, :3])
