@@ -27,6 +27,7 @@ class DataInfo:
     eos_id: int = 0
     mask_id: int = 0  # [MASK] of a masked language model; ids above it are words
     num_actions: int = 0  # an environment's discrete actions, or its action dimensions
+    answer_marker: tuple[int, ...] = ()  # self-consistency: the ids before a final answer
 
 
 class Splits(NamedTuple):
