@@ -249,6 +249,10 @@ def test_ctrl_c_then_resume_completes_only_the_missing_papers(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C in a terminal reaches a process whose SIGINT is at its default. A shell that
+        # starts a job in the background (`cmd &`) sets it to ignored, and the child would
+        # inherit that and never see the signal: the test's run would depend on how it started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     index = results / "index.jsonl"
     deadline = time.monotonic() + 120
