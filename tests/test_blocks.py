@@ -62,7 +62,9 @@ def call(module: Any, x: Any, mask: Any = None) -> Any:
     """``module`` on ``x``: attention takes query, key and value (and a mask when given)."""
     names = list(inspect.signature(module.forward).parameters)
     args = (x, x, x) if names[0] == "query" else (x,)
-    if names[1:2] == ["timestep"]:  # a denoiser: a diffusion step per example
+    if names[1:3] == ["timestep", "condition"]:  # a conditional denoiser (posterior)
+        args = (x, torch.randint(0, 1000, (x.shape[0],)), torch.randn(x.shape[0], WIDTH))
+    elif names[1:2] == ["timestep"]:  # a denoiser: a diffusion step per example
         args = (x, torch.randint(0, 1000, (x.shape[0],)))
     elif names[1:2] == ["emb"]:  # a block conditioned on an embedding of width WIDTH
         args = (x, torch.randn(x.shape[0], WIDTH))

@@ -128,8 +128,12 @@ def test_every_problem_kind_but_supervised_learning_has_keywords() -> None:
     assert owned == {
         "generative_modeling": ("image_generation",),
         "reinforcement_learning": ("reinforcement_learning",),
+        "probabilistic_inference": ("posterior_estimation",),
     }
     assert catalog.trains("reinforcement_learning", "reinforcement_learning")
+    assert catalog.trains("probabilistic_inference", "posterior_estimation")
+    assert not catalog.trains(SUPERVISED, "posterior_estimation")
+    assert not catalog.trains("probabilistic_inference", "regression")
     assert not catalog.trains(SUPERVISED, "reinforcement_learning")
     assert not catalog.trains("reinforcement_learning", "image_classification")
 

@@ -28,6 +28,7 @@ class DataInfo:
     mask_id: int = 0  # [MASK] of a masked language model; ids above it are words
     num_actions: int = 0  # an environment's discrete actions, or its action dimensions
     answer_marker: tuple[int, ...] = ()  # self-consistency: the ids before a final answer
+    condition_features: int = 0  # the observation a posterior is conditioned on
 
 
 class Splits(NamedTuple):
