@@ -21,6 +21,20 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
     )
 
 
+def run_generated_tests(repo: Path) -> subprocess.CompletedProcess[str]:
+    """The generated repository's own test suite, run from its root with its ``src`` on the
+    path, as its README says."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
 def smoke_train(repo: Path, package: str, config: str = "configs/smoke.yaml") -> list[float]:
     """Run ``config`` (the smoke config); return the per-epoch training losses it printed."""
     output = _smoke_output(repo, package, config)
