@@ -36,6 +36,13 @@ def _found(text: str) -> dict[str, str]:
         ("C4", "C4"),
         ("Amazon Dataset", "Amazon product reviews (Electronics)"),
         ("Taobao", "Alibaba/Taobao click logs"),
+        ("Food101", "Food-101"),
+        ("SUN397", "SUN397"),
+        ("TruthfulQA", "TruthfulQA"),
+        ("the Two Moons task", "Two Moons"),
+        ("the Lotka Volterra model", "Lotka-Volterra"),
+        ("the SIR model", "SIR"),
+        ("Gaussian Linear Uniform", "Gaussian Linear Uniform"),
     ],
 )
 def test_aliases(mention: str, name: str) -> None:
@@ -48,6 +55,15 @@ def test_imagenet_variants_are_not_imagenet() -> None:
         "ImageNet-Sketch",
     }
     assert set(_found("Fashion-MNIST is used for training.")) == {"Fashion-MNIST"}
+
+
+def test_simulator_names_that_are_also_common_phrases() -> None:
+    # "SIR" is also sampling-importance-resampling; a Gaussian mixture model is no benchmark.
+    assert _found("We draw samples with SIR from a Gaussian Mixture Model proposal.") == {}
+    assert set(_found("We train on the Gaussian Mixture and SIR task.")) == {
+        "Gaussian Mixture",
+        "SIR",
+    }
 
 
 def test_negated_mentions_are_skipped() -> None:
