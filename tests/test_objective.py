@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,19 @@ def test_the_view_names_the_module_class_and_fallback() -> None:
 # -- the rendered repository -------------------------------------------------------------------
 
 
+def _ruff_clean(repo: Path) -> None:
+    """The generated code passes ruff under the repository's own settings."""
+    for command in (["check"], ["format", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "--no-cache", "src", "tests"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:]
+
+
 def _functions(path: Path) -> dict[str, ast.FunctionDef]:
     tree = ast.parse(path.read_text())
     return {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
@@ -152,6 +167,7 @@ def test_the_stub_its_xfails_and_the_fallback_are_rendered(tmp_path: Path) -> No
     assert "## Training objective" in architecture and "strict xfails" in architecture
     assert "| fallback (`interpolant`) |" in architecture
     assert check_repo(repo).errors == 0
+    _ruff_clean(repo)
 
 
 def test_a_written_objective_is_what_build_objective_returns(tmp_path: Path) -> None:
@@ -167,6 +183,8 @@ def test_a_written_objective_is_what_build_objective_returns(tmp_path: Path) -> 
     assert "xfail" not in tests and "test_the_run_trains_the_papers_objective" in tests
     readme = " ".join((repo / "README.md").read_text().split())
     assert "(`interpolant`, written by hand;" in readme
+    shutil.copy(MODULE, src / "training" / "interpolant.py")
+    _ruff_clean(repo)
 
 
 @pytest.mark.slow
