@@ -21,11 +21,11 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
     )
 
 
-def run_generated_tests(repo: Path) -> subprocess.CompletedProcess[str]:
-    """The generated repository's own test suite, run from its root with its ``src`` on the
-    path, as its README says."""
+def run_generated_tests(repo: Path, *paths: str) -> subprocess.CompletedProcess[str]:
+    """The generated repository's own test suite (or its test files ``paths``), run from its
+    root with its ``src`` on the path, as its README says."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
         cwd=repo,
         env={**os.environ, "PYTHONPATH": str(repo / "src")},
         capture_output=True,
