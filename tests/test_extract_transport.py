@@ -78,7 +78,7 @@ def test_a_flow_matching_paper_gets_a_custom_objective(tmp_path):
         None,
     )
     [part] = [p for p in spec.coverage.parts if p.component == obj.name]
-    assert part.status == "fallback" and "not written yet" in (part.why or "")
+    assert part.status == "fallback" and "a stub to write" in (part.why or "")
     assert spec.coverage.verdict == honest_verdict(spec)[0] == "partial"
     assert any(d.kind == "method" and "custom objective" in d.why for d in spec.deviations)
 
