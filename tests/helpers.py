@@ -22,18 +22,23 @@ def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Compl
     )
 
 
-def run_generated_tests(repo: Path, *paths: str) -> subprocess.CompletedProcess[str]:
-    """The generated repository's own test suite (or its test files ``paths``), run from its
-    root with its ``src`` on the path, as its README says."""
+def run_in_repo(repo: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in a generated repository, from its root with its ``src`` on the path,
+    as its README says."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
+        [sys.executable, *args],
         cwd=repo,
         env={**os.environ, "PYTHONPATH": str(repo / "src")},
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
+
+
+def run_generated_tests(repo: Path, *paths: str) -> subprocess.CompletedProcess[str]:
+    """The generated repository's own test suite (or its test files ``paths``)."""
+    return run_in_repo(repo, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths)
 
 
 def smoke_train(repo: Path, package: str, config: str = "configs/smoke.yaml") -> list[float]:
@@ -64,15 +69,7 @@ def smoke_returns(repo: Path, package: str, config: str = "configs/smoke.yaml") 
 
 
 def _smoke_output(repo: Path, package: str, config: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", f"{package}.train", "--config", config],
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo / "src")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_in_repo(repo, "-m", f"{package}.train", "--config", config, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "nan" not in output.lower()

@@ -10,7 +10,6 @@ repository's finite-difference test of the velocity catches.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from helpers import (
     git,
     implement_cli_env,
     implement_config,
+    run_in_repo,
     script_implement,
 )
 
@@ -75,15 +75,7 @@ def built_objective(repo: Path) -> str:
         "_, _, info = build_dataloaders(cfg.data, seed=0)\n"
         "print(type(build_objective(cfg, info, build_model(cfg.hparams, info))).__name__)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo / "src")},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    proc = run_in_repo(repo, "-c", code, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
